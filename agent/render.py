@@ -1,0 +1,196 @@
+"""Renders one host's stack from its role's templates, in a sandbox, strictly.
+
+Templates run in Jinja2's immutable sandbox with ``StrictUndefined``: a missing variable is
+an error carrying the template path, line and the lines around it, never an empty string.
+The rendered compose text is parsed into our typed ``StackSpec`` (``agent.stack``).
+
+Secrets: a ``{secret: NAME}`` variable renders as ``**REDACTED**`` unless ``reveal`` is set;
+with ``reveal`` the value is used and must land only in files the role marks ``secret``
+(the 0600 env file). Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+
+from agent.desired import DesiredState
+from agent.errors import DesiredStateError, Problem
+from agent.model import Host, SecretRef
+from agent.roles import Role, _display
+from agent.routing import Decision, Health, backends, decide, litellm_config
+from agent.secrets import REDACTED, SecretResolver
+from agent.stack import StackFile, StackSpec, parse_compose
+from agent.yamlsrc import dump, load
+
+
+class Secret:
+    """What a template sees for a secret variable: the value only when revealing."""
+
+    __slots__ = ("_value", "name")
+
+    def __init__(self, name: str, value: str | None) -> None:
+        self.name = name
+        self._value = value
+
+    def __str__(self) -> str:
+        return self._value if self._value is not None else REDACTED
+
+    def __html__(self) -> str:  # pragma: no cover - autoescape is off
+        return str(self)
+
+
+@dataclass(frozen=True)
+class RenderedStack:
+    host: str
+    role: str
+    project: str
+    compose: str
+    stack: StackSpec
+    decisions: Mapping[str, Decision]
+    revealed: bool
+
+
+def project_name(host: str, prefix: str = "") -> str:
+    """Compose project of a host's stack: ``<prefix><host>`` (compose wants lowercase)."""
+    return f"{prefix}{host}".lower()
+
+
+def render_host(
+    desired: DesiredState,
+    host_name: str,
+    secrets: SecretResolver,
+    *,
+    reveal: bool = False,
+    prefix: str = "",
+    health: Mapping[str, Health] | None = None,
+    budget_exceeded: bool = False,
+) -> RenderedStack:
+    host = desired.host(host_name)
+    role = desired.roles[host.role]
+    project = project_name(host.name, prefix)
+    problems: list[Problem] = []
+
+    context = _context(desired, host, project, prefix)
+    decisions: Mapping[str, Decision] = {}
+    if host.role == "motoko":
+        table, _ = backends(desired.fleet, desired.hosts)
+        decisions = decide(desired.fleet.routing, table, health, budget_exceeded)
+        context["routing"] = decisions
+        context["litellm_config"] = litellm_config(
+            desired.fleet, decisions, host.motoko.litellm_router_settings_extra
+        )
+
+    # Secret variables: resolved (reveal) or redacted; a missing one is a located error.
+    for key, value in list(context.items()):
+        if isinstance(value, SecretRef):
+            if not secrets.declared(value.secret):
+                doc = desired.doc(host.name)
+                problems.append(
+                    Problem(
+                        host.file, doc.line_of("vars", key) or role.defaults_doc.line_of(key),
+                        f"secret '{value.secret}' (for '{key}') not found; looked in {secrets.where(value.secret)}",
+                    )
+                )
+                context[key] = Secret(value.secret, None)
+            else:
+                context[key] = Secret(value.secret, secrets.value(value.secret) if reveal else None)
+    if problems:
+        raise DesiredStateError(problems)
+
+    env = _environment(role)
+    files: dict[str, StackFile] = {}
+    for rf in role.spec.files:
+        text = _render(env, role, rf.template, context)
+        files[rf.path] = StackFile(path=rf.path, content=text, mode=int(rf.mode, 8), secret=rf.secret)
+    compose_text = _render(env, role, role.spec.compose, context)
+
+    if reveal:
+        _refuse_leaks(secrets, files, compose_text, f"{_display(role.templates)}/{role.spec.compose}")
+
+    compose_name = f"{_display(role.templates)}/{role.spec.compose} (rendered for {host.name})"
+    doc = load(compose_text, compose_name)
+    stack = parse_compose(doc, project, files)
+    return RenderedStack(host.name, host.role, project, compose_text, stack, decisions, reveal)
+
+
+def _context(desired: DesiredState, host: Host, project: str, prefix: str) -> dict[str, Any]:
+    variables = dict(host.vars)  # field values, SecretRef objects kept as they are
+    variables.update(host.vars.model_extra or {})
+    if host.role == "gpu_node":
+        variables["served_model_name"] = host.gpu.served_name
+        variables["vllm_published_port"] = host.gpu.published_port
+    return {
+        **variables,
+        "host": host.name,
+        "address": host.address,
+        "role": host.role,
+        "project": project,
+        "project_prefix": prefix,
+        "fleet": desired.fleet.model_dump(),
+    }
+
+
+def _environment(role: Role) -> jinja2.Environment:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        loader=jinja2.FileSystemLoader(str(role.templates)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["to_yaml"] = lambda value: dump(value).rstrip("\n")
+    return env
+
+
+def _render(env: jinja2.Environment, role: Role, name: str, context: dict[str, Any]) -> str:
+    shown = f"{_display(role.templates)}/{name}"
+    path = str(role.templates / name)
+    try:
+        return env.get_template(name).render(context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise _template_error(shown, path, exc.lineno, f"template syntax error: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise _template_error(shown, path, _template_line(exc, path), f"template error: {exc.message or exc}") from None
+    except Exception as exc:  # a filter or test blew up inside the template
+        raise _template_error(shown, path, _template_line(exc, path), f"template error: {type(exc).__name__}: {exc}") from None
+
+
+def _template_line(exc: BaseException, path: str) -> int | None:
+    """Jinja rewrites tracebacks so frames in the template carry template line numbers."""
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == path:
+            line = frame.lineno
+    return line
+
+
+def _template_error(shown: str, path: str, line: int | None, message: str) -> DesiredStateError:
+    if line:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:  # pragma: no cover
+            lines = []
+        lo, hi = max(1, line - 2), min(len(lines), line + 2)
+        around = "\n".join(f"  {'>' if n == line else ' '} {n:4} | {lines[n - 1]}" for n in range(lo, hi + 1))
+        if around:
+            message = f"{message}\n{around}"
+    return DesiredStateError.single(shown, line, message)
+
+
+def _refuse_leaks(secrets: SecretResolver, files: dict[str, StackFile], compose: str, compose_name: str) -> None:
+    values = [v for v in secrets.known_values() if len(v) >= 4]
+    places = [(f.path, f.content) for f in files.values() if not f.secret] + [(compose_name, compose)]
+    for where, text in places:
+        for value in values:
+            if value in text:
+                raise DesiredStateError.single(
+                    where, None, "a secret value would be written here; secrets belong only in the role's env file"
+                )

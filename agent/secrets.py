@@ -1,0 +1,170 @@
+"""Secret references (``{secret: NAME}``) and where their values come from.
+
+Sources, asked in this order (the first that has the name wins):
+
+1. the environment: ``AGENT_SECRET_<NAME>`` (upper-case), for tests and one-off runs;
+2. a host-local YAML file (``name: value``, mode 0600), default ``/etc/llm-agent/secrets.yaml``;
+3. the desired-state repository's ``secrets/<name>.age``, age-encrypted to the host's
+   identity (``/etc/llm-agent/identity.txt``), decrypted with pyrage (the reference
+   implementation's Rust core; hand-rolled crypto has no place here).
+
+A value never appears in an error message, a log line or a rendered file other than the
+0600 env file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from agent.errors import SecretError
+
+REDACTED = "**REDACTED**"
+
+
+class SecretSource(Protocol):
+    def has(self, name: str) -> bool: ...
+    def get(self, name: str) -> str | None: ...
+    def describe(self, name: str) -> str: ...
+
+
+class EnvSecrets:
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        self.environ = os.environ if environ is None else environ
+
+    @staticmethod
+    def var(name: str) -> str:
+        return f"AGENT_SECRET_{name.upper()}"
+
+    def has(self, name: str) -> bool:
+        return self.var(name) in self.environ
+
+    def get(self, name: str) -> str | None:
+        return self.environ.get(self.var(name))
+
+    def describe(self, name: str) -> str:
+        return f"${self.var(name)}"
+
+
+class FileSecrets:
+    """A host-local ``name: value`` YAML file; read lazily, once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data: dict[str, str] | None = None
+
+    def _load(self) -> dict[str, str]:
+        if self._data is None:
+            if not self.path.is_file():
+                self._data = {}
+                return self._data
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+            if mode & 0o077:
+                raise SecretError(f"{self.path}: secrets file is readable by others (mode {mode:04o}); chmod 600 it")
+            try:
+                data = yaml.safe_load(self.path.read_text()) or {}
+            except yaml.YAMLError:
+                raise SecretError(f"{self.path}: not valid YAML (name: value per line)") from None
+            if not isinstance(data, dict):
+                raise SecretError(f"{self.path}: must be a mapping of name: value")
+            self._data = {str(k): str(v) for k, v in data.items()}
+        return self._data
+
+    def has(self, name: str) -> bool:
+        return name in self._load()
+
+    def get(self, name: str) -> str | None:
+        return self._load().get(name)
+
+    def describe(self, name: str) -> str:
+        return f"{self.path}"
+
+
+class AgeSecrets:
+    """``secrets/<name>.age`` in the desired-state repo, decrypted with the host identity."""
+
+    def __init__(self, directory: Path, identity: Path | None) -> None:
+        self.directory = directory
+        self.identity = identity
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.age"
+
+    def has(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def get(self, name: str) -> str | None:
+        if not self.has(name):
+            return None
+        if self.identity is None or not self.identity.is_file():
+            raise SecretError(
+                f"secrets/{name}.age cannot be decrypted: no identity file "
+                f"({self.identity or 'none configured'}); see 'agent keygen'"
+            )
+        import pyrage
+
+        try:
+            ident = pyrage.x25519.Identity.from_str(_identity_line(self.identity))
+            return str(pyrage.decrypt(self.path(name).read_bytes(), [ident]).decode("utf-8")).rstrip("\n")
+        except (pyrage.DecryptError, ValueError, UnicodeDecodeError) as exc:
+            raise SecretError(
+                f"secrets/{name}.age cannot be decrypted with {self.identity} "
+                f"(encrypted to another recipient?): {type(exc).__name__}"
+            ) from None
+
+    def describe(self, name: str) -> str:
+        return f"secrets/{name}.age"
+
+
+def _identity_line(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("AGE-SECRET-KEY-"):
+            return line.strip()
+    raise SecretError(f"{path}: no AGE-SECRET-KEY line")
+
+
+@dataclass
+class SecretResolver:
+    """Resolves references through the sources above; caches decrypted values in memory."""
+
+    sources: list[SecretSource]
+    _cache: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def for_repo(
+        cls, repo: Path, secrets_file: Path | None = None, identity: Path | None = None
+    ) -> SecretResolver:
+        return cls(
+            [
+                EnvSecrets(),
+                FileSecrets(secrets_file or Path("/etc/llm-agent/secrets.yaml")),
+                AgeSecrets(repo / "secrets", identity or Path("/etc/llm-agent/identity.txt")),
+            ]
+        )
+
+    def declared(self, name: str) -> bool:
+        """True if some source has the name (no decryption: safe for ``validate``)."""
+        return any(source.has(name) for source in self.sources)
+
+    def where(self, name: str) -> str:
+        return ", ".join(source.describe(name) for source in self.sources)
+
+    def value(self, name: str) -> str:
+        if name in self._cache:
+            return self._cache[name]
+        for source in self.sources:
+            if source.has(name):
+                value = source.get(name)
+                if value is not None:
+                    self._cache[name] = value
+                    return value
+        raise SecretError(f"secret '{name}' not found (looked in {self.where(name)})")
+
+    def known_values(self) -> list[str]:
+        """Values resolved so far: what must never leak into a non-secret file."""
+        return list(self._cache.values())
