@@ -121,4 +121,4 @@ def _host(name: str, doc: Document, root: Path, roles: dict[str, Role]) -> Host:
             else:
                 problems.append(problem)
         raise DesiredStateError(problems) from None
-    return Host(name=name, role=header.role, address=header.address or name, vars=variables, file=doc.name)  # type: ignore[arg-type]
+    return Host(name=name, role=header.role, address=header.address or name, vars=variables, file=doc.name)

@@ -48,7 +48,12 @@ def lint_fleet(desired: DesiredState) -> list[Problem]:
     def line_of(host: str, *path: str | int) -> int | None:
         doc = desired.docs.get(host)
         line = doc.line_of(*path) if doc else None
-        if doc is not None and path[:1] == ("vars",) and len(path) > 1 and path[1] not in (doc.data or {}).get("vars", {}):
+        if (
+            doc is not None
+            and path[:1] == ("vars",)
+            and len(path) > 1
+            and path[1] not in (doc.data or {}).get("vars", {})
+        ):
             return doc.line_of("role")  # came from the role's defaults: point at the role line
         return line
 
@@ -58,12 +63,26 @@ def lint_fleet(desired: DesiredState) -> list[Problem]:
     # The gateway host.
     motokos = [h for h in hosts.values() if h.role == "motoko"]
     if fleet.motoko not in hosts:
-        problems.append(Problem("fleet.yaml", fdoc.line_of("motoko"), f"motoko: no host file hosts/{fleet.motoko}.yaml"))
+        problems.append(
+            Problem("fleet.yaml", fdoc.line_of("motoko"), f"motoko: no host file hosts/{fleet.motoko}.yaml")
+        )
     elif hosts[fleet.motoko].role != "motoko":
-        problems.append(Problem("fleet.yaml", fdoc.line_of("motoko"), f"motoko: host '{fleet.motoko}' has role '{hosts[fleet.motoko].role}', not 'motoko'"))
+        problems.append(
+            Problem(
+                "fleet.yaml",
+                fdoc.line_of("motoko"),
+                f"motoko: host '{fleet.motoko}' has role '{hosts[fleet.motoko].role}', not 'motoko'",
+            )
+        )
     for extra in motokos:
         if extra.name != fleet.motoko:
-            problems.append(Problem(extra.file, line_of(extra.name, "role"), f"second gateway host '{extra.name}' (fleet.yaml names '{fleet.motoko}')"))
+            problems.append(
+                Problem(
+                    extra.file,
+                    line_of(extra.name, "role"),
+                    f"second gateway host '{extra.name}' (fleet.yaml names '{fleet.motoko}')",
+                )
+            )
 
     # Each alias served by exactly one backend.
     served: dict[str, list[Backend]] = defaultdict(list)
@@ -77,20 +96,38 @@ def lint_fleet(desired: DesiredState) -> list[Problem]:
     known = set(served)
     for alias in REQUIRED_ALIASES:
         if alias not in served:
-            problems.append(Problem("fleet.yaml", None, f"alias '{alias}' is served by no host (add it to a gpu_node host's 'serves')"))
+            problems.append(
+                Problem(
+                    "fleet.yaml", None, f"alias '{alias}' is served by no host (add it to a gpu_node host's 'serves')"
+                )
+            )
 
     # Every alias the policy names exists.
     pol = fleet.routing
     for alias, chain in pol.fallbacks.items():
         if alias not in known:
-            problems.append(Problem("fleet.yaml", fdoc.line_of("routing", "fallbacks", alias), f"fallbacks: '{alias}' is not an alias any backend serves"))
+            problems.append(
+                Problem(
+                    "fleet.yaml",
+                    fdoc.line_of("routing", "fallbacks", alias),
+                    f"fallbacks: '{alias}' is not an alias any backend serves",
+                )
+            )
         for i, target in enumerate(chain):
             if target not in known:
-                problems.append(Problem("fleet.yaml", fdoc.line_of("routing", "fallbacks", alias, i), f"fallback from '{alias}' to unknown alias '{target}'"))
+                problems.append(
+                    Problem(
+                        "fleet.yaml",
+                        fdoc.line_of("routing", "fallbacks", alias, i),
+                        f"fallback from '{alias}' to unknown alias '{target}'",
+                    )
+                )
     for key in ("chat_default", "embeddings_default", "long_context_alias", "budget_fallback"):
         alias = getattr(pol, key)
         if alias not in known:
-            problems.append(Problem("fleet.yaml", fdoc.line_of("routing", key), f"routing.{key}: unknown alias '{alias}'"))
+            problems.append(
+                Problem("fleet.yaml", fdoc.line_of("routing", key), f"routing.{key}: unknown alias '{alias}'")
+            )
 
     # Served model names: the gateway's seed-style overrides must agree with the host.
     motoko = hosts.get(fleet.motoko)
@@ -101,26 +138,56 @@ def lint_fleet(desired: DesiredState) -> list[Problem]:
                 continue
             served_name = gpu.gpu.served_name
             if "model_hf_id" in keys and keys["model_hf_id"] != gpu.gpu.model_hf_id:
-                problems.append(Problem(motoko.file, line_of(motoko.name, "vars", f"{host_name}_model_hf_id"),
-                    f"{host_name}_model_hf_id is '{keys['model_hf_id']}' but {host_name} runs '{gpu.gpu.model_hf_id}' (hosts/{host_name}.yaml)"))
+                problems.append(
+                    Problem(
+                        motoko.file,
+                        line_of(motoko.name, "vars", f"{host_name}_model_hf_id"),
+                        f"{host_name}_model_hf_id is '{keys['model_hf_id']}' but {host_name} runs "
+                        f"'{gpu.gpu.model_hf_id}' (hosts/{host_name}.yaml)",
+                    )
+                )
             if "model_display" in keys:
                 provider, _, name = keys["model_display"].partition("/")
                 if name.lower() != served_name.lower():
-                    problems.append(Problem(motoko.file, line_of(motoko.name, "vars", f"{host_name}_model_display"),
-                        f"{host_name}_model_display names model '{name}' but {host_name} serves '{served_name}'"))
+                    problems.append(
+                        Problem(
+                            motoko.file,
+                            line_of(motoko.name, "vars", f"{host_name}_model_display"),
+                            f"{host_name}_model_display names model '{name}' but {host_name} serves '{served_name}'",
+                        )
+                    )
                 if provider == "openai":
-                    problems.append(Problem(motoko.file, line_of(motoko.name, "vars", f"{host_name}_model_display"),
-                        f"{host_name}_model_display uses the 'openai/' provider: its traffic counts against the OpenAI budget; use hosted_vllm/", "warning"))
+                    problems.append(
+                        Problem(
+                            motoko.file,
+                            line_of(motoko.name, "vars", f"{host_name}_model_display"),
+                            f"{host_name}_model_display uses the 'openai/' provider: its traffic counts against "
+                            "the OpenAI budget; use hosted_vllm/",
+                            "warning",
+                        )
+                    )
         version = motoko.motoko.image
         if any(bad in version for bad in COMPROMISED_LITELLM):
-            problems.append(Problem(motoko.file, line_of(motoko.name, "vars", "litellm_version"), f"LiteLLM {version}: 1.107.0 was a compromised release; never use it"))
+            problems.append(
+                Problem(
+                    motoko.file,
+                    line_of(motoko.name, "vars", "litellm_version"),
+                    f"LiteLLM {version}: 1.107.0 was a compromised release; never use it",
+                )
+            )
 
     # Context window: a backend that gets prompts up to max_input_tokens must hold them.
     for b in table:
         if b.kind == "vllm" and b.max_model_len is not None and b.max_model_len < pol.max_input_tokens:
-            problems.append(Problem(hosts[b.host].file if b.host else b.file, line_of(b.host, "vars", "max_model_len") if b.host else None,
-                f"max_model_len {b.max_model_len} of {b.name} is below routing.max_input_tokens "
-                f"{pol.max_input_tokens}: prompts between the two reach '{b.alias}' and fail there", "warning"))
+            problems.append(
+                Problem(
+                    hosts[b.host].file if b.host else b.file,
+                    line_of(b.host, "vars", "max_model_len") if b.host else None,
+                    f"max_model_len {b.max_model_len} of {b.name} is below routing.max_input_tokens "
+                    f"{pol.max_input_tokens}: prompts between the two reach '{b.alias}' and fail there",
+                    "warning",
+                )
+            )
     return problems
 
 
@@ -133,7 +200,14 @@ def lint_stack(desired: DesiredState, rendered: RenderedStack) -> list[Problem]:
         for p in svc.ports:
             ports[(p.host_ip or "0.0.0.0", p.host_port, p.protocol)] += 1
         if "@sha256:" not in svc.image and (":" not in svc.image.rsplit("/", 1)[-1] or svc.image.endswith(":latest")):
-            problems.append(Problem(host.file, None, f"service '{svc.name}': image '{svc.image}' is not pinned (use a version tag or @sha256 digest)", "warning"))
+            problems.append(
+                Problem(
+                    host.file,
+                    None,
+                    f"service '{svc.name}': image '{svc.image}' is not pinned (use a version tag or @sha256 digest)",
+                    "warning",
+                )
+            )
     by_port: dict[tuple[int, str], list[str]] = defaultdict(list)
     for (ip, port, proto), n in ports.items():
         by_port[(port, proto)].extend([ip] * n)
@@ -143,7 +217,11 @@ def lint_stack(desired: DesiredState, rendered: RenderedStack) -> list[Problem]:
     for path, f in rendered.stack.files.items():
         if path.endswith((".yaml", ".yml")) and "config" in path and rendered.role == "motoko":
             env_files = [x for x in rendered.stack.files.values() if x.secret]
-            problems.extend(lint_litellm_config(f.content, f"{rendered.host}:{path} (rendered)", env_files[0].content if env_files else ""))
+            problems.extend(
+                lint_litellm_config(
+                    f.content, f"{rendered.host}:{path} (rendered)", env_files[0].content if env_files else ""
+                )
+            )
     return problems
 
 
@@ -159,18 +237,48 @@ def lint_litellm_config(text: str, name: str, env_text: str) -> list[Problem]:
     router = cfg.get("router_settings", {}) or {}
     for section in ("router_settings", "litellm_settings", "general_settings"):
         if "allowed_fails" in (cfg.get(section) or {}):
-            problems.append(Problem(name, doc.line_of(section, "allowed_fails"),
-                "allowed_fails must not be set: it put a healthy fallback in cooldown during an outage (62 of 300 requests failed)"))
+            problems.append(
+                Problem(
+                    name,
+                    doc.line_of(section, "allowed_fails"),
+                    "allowed_fails must not be set: it put a healthy fallback in cooldown during an outage "
+                    "(62 of 300 requests failed)",
+                )
+            )
     for key in ("fallbacks", "context_window_fallbacks"):
         for i, entry in enumerate(router.get(key, []) or []):
             for src, targets in (entry or {}).items():
                 for target in [src, *targets]:
                     if target not in names:
-                        problems.append(Problem(name, doc.line_of("router_settings", key, i), f"{key}: '{target}' is not a model_name in model_list"))
+                        problems.append(
+                            Problem(
+                                name,
+                                doc.line_of("router_settings", key, i),
+                                f"{key}: '{target}' is not a model_name in model_list",
+                            )
+                        )
     if router.get("num_retries", 0) != 0:
-        problems.append(Problem(name, doc.line_of("router_settings", "num_retries"), "num_retries > 0 delays every fallback by seconds", "warning"))
-    env_keys = {line.partition("=")[0].strip() for line in env_text.splitlines() if "=" in line and not line.lstrip().startswith("#")}
+        problems.append(
+            Problem(
+                name,
+                doc.line_of("router_settings", "num_retries"),
+                "num_retries > 0 delays every fallback by seconds",
+                "warning",
+            )
+        )
+    env_keys = {
+        line.partition("=")[0].strip()
+        for line in env_text.splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
     for ref in sorted(set(re.findall(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)", text))):
         if ref not in env_keys:
-            problems.append(Problem(name, None, f"os.environ/{ref} is referenced but not set in the env file: the proxy would not start or would send no key"))
+            problems.append(
+                Problem(
+                    name,
+                    None,
+                    f"os.environ/{ref} is referenced but not set in the env file: "
+                    "the proxy would not start or would send no key",
+                )
+            )
     return problems

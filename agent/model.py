@@ -90,7 +90,7 @@ class Fleet(Strict):
     openai_strong_model: str = "gpt-4.1-mini"
     openai_cheap_model: str = "gpt-4o-mini"
     openai_budget_monthly_usd: float = Field(150, ge=0)
-    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)  # type: ignore[arg-type]
+    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
 
 
 # --------------------------------------------------------------------------- role variables

@@ -11,6 +11,7 @@ with ``reveal`` the value is used and must land only in files the role marks ``s
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import jinja2.sandbox
 from agent.desired import DesiredState
 from agent.errors import DesiredStateError, Problem
 from agent.model import Host, SecretRef
-from agent.roles import Role, _display
+from agent.roles import Role
 from agent.routing import Decision, Health, backends, decide, litellm_config
 from agent.secrets import REDACTED, SecretResolver
 from agent.stack import StackFile, StackSpec, parse_compose
@@ -83,9 +84,7 @@ def render_host(
         table, _ = backends(desired.fleet, desired.hosts)
         decisions = decide(desired.fleet.routing, table, health, budget_exceeded)
         context["routing"] = decisions
-        context["litellm_config"] = litellm_config(
-            desired.fleet, decisions, host.motoko.litellm_router_settings_extra
-        )
+        context["litellm_config"] = litellm_config(desired.fleet, decisions, host.motoko.litellm_router_settings_extra)
 
     # Secret variables: resolved (reveal) or redacted; a missing one is a located error.
     for key, value in list(context.items()):
@@ -94,7 +93,8 @@ def render_host(
                 doc = desired.doc(host.name)
                 problems.append(
                     Problem(
-                        host.file, doc.line_of("vars", key) or role.defaults_doc.line_of(key),
+                        host.file,
+                        doc.line_of("vars", key) or role.defaults_doc.line_of(key),
                         f"secret '{value.secret}' (for '{key}') not found; looked in {secrets.where(value.secret)}",
                     )
                 )
@@ -112,9 +112,9 @@ def render_host(
     compose_text = _render(env, role, role.spec.compose, context)
 
     if reveal:
-        _refuse_leaks(secrets, files, compose_text, f"{_display(role.templates)}/{role.spec.compose}")
+        _refuse_leaks(secrets, files, compose_text, f"{role.shown}/templates/{role.spec.compose}")
 
-    compose_name = f"{_display(role.templates)}/{role.spec.compose} (rendered for {host.name})"
+    compose_name = f"{role.shown}/templates/{role.spec.compose} (rendered for {host.name})"
     doc = load(compose_text, compose_name)
     stack = parse_compose(doc, project, files)
     return RenderedStack(host.name, host.role, project, compose_text, stack, decisions, reveal)
@@ -147,11 +147,19 @@ def _environment(role: Role) -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["to_yaml"] = lambda value: dump(value).rstrip("\n")
+    # Jinja's own tojson escapes quotes for HTML; plain JSON is valid YAML and easier to read.
+    env.filters["tojson"] = _tojson
     return env
 
 
+def _tojson(value: Any) -> str:
+    if isinstance(value, jinja2.Undefined):
+        value._fail_with_undefined_error()  # StrictUndefined: the located "is undefined" error
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _render(env: jinja2.Environment, role: Role, name: str, context: dict[str, Any]) -> str:
-    shown = f"{_display(role.templates)}/{name}"
+    shown = f"{role.shown}/templates/{name}"
     path = str(role.templates / name)
     try:
         return env.get_template(name).render(context)
@@ -160,7 +168,9 @@ def _render(env: jinja2.Environment, role: Role, name: str, context: dict[str, A
     except jinja2.TemplateError as exc:
         raise _template_error(shown, path, _template_line(exc, path), f"template error: {exc.message or exc}") from None
     except Exception as exc:  # a filter or test blew up inside the template
-        raise _template_error(shown, path, _template_line(exc, path), f"template error: {type(exc).__name__}: {exc}") from None
+        raise _template_error(
+            shown, path, _template_line(exc, path), f"template error: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _template_line(exc: BaseException, path: str) -> int | None:

@@ -56,17 +56,18 @@ class RoleSpec(Strict):
     def _actions(cls, value: dict[str, str]) -> dict[str, str]:
         for service, action in value.items():
             if action not in ("restart", "recreate") and not action.startswith("signal:SIG"):
-                raise ValueError(
-                    f"on_config_change.{service}: '{action}' is not restart, recreate or signal:SIGxxx"
-                )
+                raise ValueError(f"on_config_change.{service}: '{action}' is not restart, recreate or signal:SIGxxx")
         return value
 
 
 class Role:
     """A loaded role: its spec, its defaults and where its templates are."""
 
-    def __init__(self, name: str, root: Path, spec: RoleSpec, defaults: dict[str, Any], defaults_doc: Document):
+    def __init__(
+        self, name: str, root: Path, spec: RoleSpec, defaults: dict[str, Any], defaults_doc: Document, shown: str
+    ):
         self.name = name
+        self.shown = shown  # how messages name the role folder
         self.root = root
         self.spec = spec
         self.defaults = defaults
@@ -95,7 +96,8 @@ def load_role(name: str, repo: Path) -> Role:
             break
     else:
         raise DesiredStateError.single(f"roles/{name}", None, f"role '{name}' not found")
-    shown = _display(root)
+    # The repo's own roles and the shipped ones are both "roles/<name>" to the operator.
+    shown = f"roles/{name}" if base in (repo / "roles", BUILTIN_ROLES) else str(root)
     spec_doc = load((root / "role.yaml").read_text(), f"{shown}/role.yaml")
     spec: RoleSpec = parse(RoleSpec, spec_doc)
     defaults_path = root / "defaults.yaml"
@@ -105,12 +107,4 @@ def load_role(name: str, repo: Path) -> Role:
     for f in (spec.compose, *(rf.template for rf in spec.files)):
         if not (root / "templates" / f).is_file():
             raise DesiredStateError.single(f"{shown}/role.yaml", None, f"template '{f}' not found in {shown}/templates")
-    return Role(name, root, spec, dict(defaults_doc.data or {}), defaults_doc)
-
-
-def _display(path: Path) -> str:
-    """A short, stable name for messages: relative to the cwd when possible."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    return Role(name, root, spec, dict(defaults_doc.data or {}), defaults_doc, shown)

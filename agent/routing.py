@@ -63,6 +63,7 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
 
     ``line_of(host, *path)`` (optional) locates a key for messages.
     """
+
     def where(host: str, *path: str | int) -> tuple[str, int | None]:
         h = hosts.get(host)
         return (h.file if h else f"hosts/{host}.yaml", line_of(host, *path) if line_of else None)
@@ -88,17 +89,46 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
         file, line = where(fleet.motoko, "vars", "embed_base_url")
         out.append(
             Backend(
-                f"{fleet.motoko}-embed", "local/embed", "embedding", f"hosted_vllm/{m.embed_model}",
-                m.embed_base_url, None, m.embed_max_input_tokens, file, line,
+                f"{fleet.motoko}-embed",
+                "local/embed",
+                "embedding",
+                f"hosted_vllm/{m.embed_model}",
+                m.embed_base_url,
+                None,
+                m.embed_max_input_tokens,
+                file,
+                line,
             )
         )
         for host_name, keys in overrides.items():
             if host_name not in hosts or hosts[host_name].role != "gpu_node":
                 for what in keys:
                     file, line = where(fleet.motoko, "vars", f"{host_name}_{what}")
-                    problems.append(Problem(file, line, f"unknown key '{host_name}_{what}': no gpu_node host '{host_name}'"))
-    out.append(Backend("openai-strong", "openai/strong", "openai", f"openai/{fleet.openai_strong_model}", None, None, file="fleet.yaml"))
-    out.append(Backend("openai-cheap", "openai/cheap", "openai", f"openai/{fleet.openai_cheap_model}", None, None, file="fleet.yaml"))
+                    problems.append(
+                        Problem(file, line, f"unknown key '{host_name}_{what}': no gpu_node host '{host_name}'")
+                    )
+    out.append(
+        Backend(
+            "openai-strong",
+            "openai/strong",
+            "openai",
+            f"openai/{fleet.openai_strong_model}",
+            None,
+            None,
+            file="fleet.yaml",
+        )
+    )
+    out.append(
+        Backend(
+            "openai-cheap",
+            "openai/cheap",
+            "openai",
+            f"openai/{fleet.openai_cheap_model}",
+            None,
+            None,
+            file="fleet.yaml",
+        )
+    )
     return out, problems
 
 
@@ -135,7 +165,9 @@ def decide(
         if budget_exceeded and own.kind == "openai":
             target = native.get(policy.budget_fallback)
             if target is not None:
-                decisions[alias] = Decision(alias, target, f"OpenAI monthly budget spent: served by {policy.budget_fallback}")
+                decisions[alias] = Decision(
+                    alias, target, f"OpenAI monthly budget spent: served by {policy.budget_fallback}"
+                )
                 continue
         if up(own):
             decisions[alias] = Decision(alias, own, "primary healthy")
@@ -151,7 +183,9 @@ def decide(
     return decisions
 
 
-def litellm_config(fleet: Fleet, decisions: Mapping[str, Decision], extra_router: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def litellm_config(
+    fleet: Fleet, decisions: Mapping[str, Decision], extra_router: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The LiteLLM proxy config for the given decisions (see module docstring)."""
     policy = fleet.routing
     model_list: list[dict[str, Any]] = []
@@ -191,9 +225,7 @@ def litellm_config(fleet: Fleet, decisions: Mapping[str, Decision], extra_router
         "enable_pre_call_checks": True,
         "fallbacks": fallbacks,
         "context_window_fallbacks": long_context,
-        "provider_budget_config": {
-            "openai": {"budget_limit": fleet.openai_budget_monthly_usd, "time_period": "1mo"}
-        },
+        "provider_budget_config": {"openai": {"budget_limit": fleet.openai_budget_monthly_usd, "time_period": "1mo"}},
         "redis_host": "os.environ/REDIS_HOST",
         "redis_port": "os.environ/REDIS_PORT",
     }

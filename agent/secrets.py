@@ -136,9 +136,7 @@ class SecretResolver:
     _cache: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def for_repo(
-        cls, repo: Path, secrets_file: Path | None = None, identity: Path | None = None
-    ) -> SecretResolver:
+    def for_repo(cls, repo: Path, secrets_file: Path | None = None, identity: Path | None = None) -> SecretResolver:
         return cls(
             [
                 EnvSecrets(),

@@ -192,9 +192,7 @@ class _Ulimit(_Strict):
 
 
 class _DependsOn(_Strict):
-    condition: Literal["service_started", "service_healthy", "service_completed_successfully"] = (
-        "service_started"
-    )
+    condition: Literal["service_started", "service_healthy", "service_completed_successfully"] = "service_started"
 
 
 class _Service(_Strict):
@@ -297,9 +295,7 @@ def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> S
 
     problems: list[Problem] = []
     services: dict[str, ServiceSpec] = {}
-    networks = {
-        name: NetworkSpec(name=name, **(n.model_dump() if n else {})) for name, n in raw.networks.items()
-    }
+    networks = {name: NetworkSpec(name=name, **(n.model_dump() if n else {})) for name, n in raw.networks.items()}
     networks.setdefault("default", NetworkSpec(name="default"))
     volumes = {name: VolumeSpec(name=name, **(v.model_dump() if v else {})) for name, v in raw.volumes.items()}
     for name, svc in raw.services.items():
@@ -311,7 +307,11 @@ def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> S
         for dep in spec.depends_on:
             if dep not in services:
                 problems.append(
-                    Problem(doc.name, doc.line_of("services", name, "depends_on"), f"service '{name}' depends on unknown service '{dep}'")
+                    Problem(
+                        doc.name,
+                        doc.line_of("services", name, "depends_on"),
+                        f"service '{name}' depends on unknown service '{dep}'",
+                    )
                 )
     if problems:
         raise DesiredStateError(problems)
@@ -321,7 +321,11 @@ def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> S
 
 
 def _service(
-    name: str, svc: _Service, files: dict[str, StackFile], networks: dict[str, NetworkSpec], volumes: dict[str, VolumeSpec]
+    name: str,
+    svc: _Service,
+    files: dict[str, StackFile],
+    networks: dict[str, NetworkSpec],
+    volumes: dict[str, VolumeSpec],
 ) -> ServiceSpec:
     if not _SERVICE_NAME.match(name):
         raise ValueError("service names are letters, digits, '_', '.', '-'")
@@ -364,8 +368,10 @@ def _service(
         raise ValueError("only one device reservation is supported")
     if devices:
         d = devices[0]
-        count = -1 if d.count in (None, "all") else int(d.count)  # type: ignore[arg-type]
-        gpus = GpuSpec(count=count, device_ids=tuple(d.device_ids or ()), driver=d.driver, capabilities=tuple(d.capabilities))
+        count = -1 if d.count in (None, "all") else int(d.count)
+        gpus = GpuSpec(
+            count=count, device_ids=tuple(d.device_ids or ()), driver=d.driver, capabilities=tuple(d.capabilities)
+        )
 
     labels = dict(svc.labels) if isinstance(svc.labels, dict) else dict(_kv(item) for item in svc.labels)
     for key in labels:
@@ -417,7 +423,9 @@ def _argv(value: list[str] | str | None) -> tuple[str, ...] | None:
     return tuple(str(v) for v in value)
 
 
-_PORT = re.compile(r"^(?:(?P<ip>\d+\.\d+\.\d+\.\d+|\[[0-9a-f:]+\]):)?(?:(?P<host>\d+):)?(?P<ctr>\d+)(?:/(?P<proto>tcp|udp))?$")
+_PORT = re.compile(
+    r"^(?:(?P<ip>\d+\.\d+\.\d+\.\d+|\[[0-9a-f:]+\]):)?(?:(?P<host>\d+):)?(?P<ctr>\d+)(?:/(?P<proto>tcp|udp))?$"
+)
 
 
 def _port(value: str | int) -> PortSpec:
@@ -430,7 +438,9 @@ def _port(value: str | int) -> PortSpec:
     for p in (host, ctr):
         if not 1 <= p <= 65535:
             raise ValueError(f"port {p} out of range")
-    return PortSpec(host_ip=(m["ip"] or "").strip("[]"), host_port=host, container_port=ctr, protocol=m["proto"] or "tcp")  # type: ignore[arg-type]
+    return PortSpec(
+        host_ip=(m["ip"] or "").strip("[]"), host_port=host, container_port=ctr, protocol=m["proto"] or "tcp"
+    )
 
 
 def _mount(value: str, volumes: dict[str, VolumeSpec]) -> MountSpec:
@@ -446,7 +456,12 @@ def _mount(value: str, volumes: dict[str, VolumeSpec]) -> MountSpec:
     if source.startswith(("/", "./", "../")) or source == ".":
         if source.startswith("../"):
             raise ValueError(f"volume '{value}': a stack path cannot leave the stack directory")
-        return MountSpec(type="bind", source=source if source.startswith("/") else str(PurePosixPath(source)), target=target, read_only=mode == "ro")
+        return MountSpec(
+            type="bind",
+            source=source if source.startswith("/") else str(PurePosixPath(source)),
+            target=target,
+            read_only=mode == "ro",
+        )
     if source not in volumes:
         raise ValueError(f"volume '{source}' is not declared under top-level 'volumes'")
     return MountSpec(type="volume", source=source, target=target, read_only=mode == "ro")

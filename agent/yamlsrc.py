@@ -75,9 +75,7 @@ def load(text: str, name: str) -> Document:
     return Document(name, data, lines)
 
 
-def _walk(
-    node: yaml.Node, path: Path_, lines: LineMap, problems: list[Problem], name: str
-) -> None:
+def _walk(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Problem], name: str) -> None:
     lines.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
@@ -85,9 +83,7 @@ def _walk(
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
             line = key_node.start_mark.line + 1
             if key in seen:
-                problems.append(
-                    Problem(name, line, f"duplicate key '{key}' (first on line {seen[key]})")
-                )
+                problems.append(Problem(name, line, f"duplicate key '{key}' (first on line {seen[key]})"))
             seen[key] = line
             lines.lines[(*path, key)] = line
             _walk(value_node, (*path, key), lines, problems, name)

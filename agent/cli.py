@@ -1,0 +1,172 @@
+"""The ``agent`` command line (contract section 3). Thin: parse, call the core, print.
+
+Exit codes: 0 ok; 1 invalid/failed; 2 changes pending (``plan``); 3 agent not running
+(``status``). Errors the user can cause print ``file:line: what`` and never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.errors import AgentError, DesiredStateError, Problem
+from agent.settings import Settings, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent", description="Pull-based deployment agent for a self-hosted LLM fleet.")
+    p.add_argument("--version", action="version", version=f"agent {__version__}")
+    p.add_argument("--config", type=Path, help="agent TOML config (default /etc/llm-agent/agent.toml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, host: bool) -> None:
+        sp.add_argument("--repo", help="desired-state repository (path); default $AGENT_REPO or ./desired_state")
+        if host:
+            sp.add_argument("--host", help="host to act for; default $AGENT_HOST or this machine's hostname")
+        sp.add_argument("--prefix", dest="project_prefix", help="compose project / container name prefix")
+        sp.add_argument("--secrets-file", type=Path, help="host-local secrets YAML (name: value, 0600)")
+        sp.add_argument("--identity", dest="identity_file", type=Path, help="age identity for secrets/*.age")
+
+    v = sub.add_parser("validate", help="validate the whole desired state (every host)")
+    common(v, host=False)
+    v.add_argument("--json", action="store_true")
+    r = sub.add_parser("render", help="write a host's rendered stack to a directory")
+    common(r, host=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--reveal-secrets", action="store_true", help="write secret values into the env file")
+    pl = sub.add_parser("plan", help="what apply would do, with reasons (no change made)")
+    common(pl, host=True)
+    pl.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        handler = {"validate": cmd_validate, "render": cmd_render, "plan": cmd_plan}[args.command]
+        return handler(args, settings)
+    except DesiredStateError as exc:
+        _print_problems(exc.problems)
+        return 1
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    keys = ("repo", "host", "project_prefix", "secrets_file", "identity_file")
+    return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+
+
+def _resolver(settings: Settings) -> Any:
+    from agent.secrets import SecretResolver
+
+    return SecretResolver.for_repo(Path(settings.repo), settings.secrets_file, settings.identity_file)
+
+
+def _print_problems(problems: list[Problem], stream: Any = None) -> None:
+    stream = stream or sys.stderr
+    for problem in problems:
+        print(problem, file=stream)
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.lint import validate_all
+
+    desired, problems = validate_all(Path(settings.repo), _resolver(settings), settings.project_prefix)
+    errors = [p for p in problems if p.severity == "error"]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "valid": not errors,
+                    "hosts": sorted(desired.hosts) if desired else [],
+                    "problems": [
+                        {"file": p.file, "line": p.line, "severity": p.severity, "message": p.message} for p in problems
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        _print_problems(problems, sys.stdout)
+        if errors:
+            print(f"invalid: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)", file=sys.stderr)
+        else:
+            hosts = ", ".join(sorted(desired.hosts)) if desired else ""
+            print(f"valid: {len(desired.hosts) if desired else 0} hosts ({hosts}), {len(problems)} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.desired import load_desired
+    from agent.render import render_host
+
+    desired = load_desired(Path(settings.repo))
+    rendered = render_host(
+        desired, settings.host, _resolver(settings), reveal=args.reveal_secrets, prefix=settings.project_prefix
+    )
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_write(out / "compose.yaml", rendered.compose, 0o644)]
+    for f in rendered.stack.files.values():
+        written.append(_write(out / f.path, f.content, f.mode))
+    for path in written:
+        print(path)
+    if not args.reveal_secrets:
+        print("secrets are redacted; --reveal-secrets writes their values into the 0600 env file", file=sys.stderr)
+    return 0
+
+
+def _write(path: Path, content: str, mode: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return path
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.desired import load_desired
+    from agent.observed import Observed
+    from agent.plan import pending, plan
+    from agent.render import render_host
+
+    desired = load_desired(Path(settings.repo))
+    rendered = render_host(desired, settings.host, _resolver(settings), reveal=True, prefix=settings.project_prefix)
+    observed, source = Observed(), "none: the Docker adapter is not wired yet; planning against an empty engine"
+    actions = plan(rendered.stack, observed, desired.roles[rendered.role].spec.on_config_change)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "host": rendered.host,
+                    "project": rendered.project,
+                    "observed": source,
+                    "pending": pending(actions),
+                    "actions": [a.as_dict() for a in actions],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"host {rendered.host}, project {rendered.project}; observed: {source}")
+        for action in actions:
+            print(f"  {action}")
+    return 2 if pending(actions) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

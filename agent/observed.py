@@ -1,0 +1,57 @@
+"""What is actually running, in our own types: the planner's input from the Docker adapter.
+
+Filled by the Docker adapter from at most three API calls (containers by label, networks,
+one inspect per distinct image); the planner never sees a docker object.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent import labels as L
+
+ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
+
+
+class ObservedContainer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    name: str
+    state: ContainerState = "running"
+    #: None when the container has no healthcheck.
+    health: Literal["starting", "healthy", "unhealthy"] | None = None
+    image_id: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def owned(self) -> bool:
+        return self.labels.get(L.OWNER) == L.OWNER_VALUE
+
+    @property
+    def project(self) -> str | None:
+        return self.labels.get(L.PROJECT)
+
+    @property
+    def service(self) -> str | None:
+        return self.labels.get(L.SERVICE)
+
+    def json_label(self, key: str) -> dict[str, str]:
+        try:
+            value = json.loads(self.labels.get(key, "{}"))
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+class Observed(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    containers: tuple[ObservedContainer, ...] = ()
+    networks: tuple[str, ...] = ()
+    #: image reference -> local image id, or None when the image is not present.
+    images: dict[str, str | None] = Field(default_factory=dict)

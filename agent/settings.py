@@ -1,0 +1,69 @@
+"""The agent's own settings: one typed object, passed explicitly, never a global.
+
+Read from a TOML file (default ``/etc/llm-agent/agent.toml``); every key can be overridden by
+an environment variable ``AGENT_<KEY>`` (``AGENT_HOST``, ``AGENT_REPO`` ...), and CLI flags
+override both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/llm-agent/agent.toml")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: This host's identity in the fleet (a file ``hosts/<host>.yaml``); like a Salt minion id.
+    host: str = Field(default_factory=lambda: _hostname())  # noqa: PLW0108 (defined below)
+    #: Desired-state repository: a local path or a git URL. The shipped example by default.
+    repo: str = "desired_state"
+    branch: str = "main"
+    #: Where the agent keeps its state (applied commit, runs, quarantine) and stack files.
+    state_dir: Path = Path("/var/lib/llm-agent")
+    #: Seconds between reconcile passes; a random splay of up to ``splay`` s is added.
+    interval: float = Field(30.0, gt=0)
+    splay: float = Field(5.0, ge=0)
+    #: The fleet API on motoko that node agents report to.
+    motoko_url: str | None = None
+    #: Prefix of compose projects and container names, so several agents share one engine.
+    project_prefix: str = ""
+    #: Host-local secrets (name: value, mode 0600) and the age identity for ``secrets/*.age``.
+    secrets_file: Path = Path("/etc/llm-agent/secrets.yaml")
+    identity_file: Path = Path("/etc/llm-agent/identity.txt")
+
+
+def _hostname() -> str:
+    return socket.gethostname().split(".")[0].lower()
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    file = path or Path(environ.get("AGENT_CONFIG", DEFAULT_CONFIG))
+    data: dict[str, Any] = {}
+    if file.is_file():
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+    elif path is not None:
+        raise ConfigError(f"{file}: configuration file not found")
+    for key in Settings.model_fields:
+        env_key = f"AGENT_{key.upper()}"
+        if env_key in environ:
+            data[key] = environ[env_key]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{file} / AGENT_* environment: " + "; ".join(lines)) from None

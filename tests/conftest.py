@@ -1,0 +1,38 @@
+"""Shared fixtures: a writable copy of the shipped desired state, and the demo identity."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_IDENTITY = ROOT / "examples" / "demo-identity.txt"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A copy of ``desired_state/`` that a test may break."""
+    dest = tmp_path / "desired_state"
+    shutil.copytree(ROOT / "desired_state", dest)
+    return dest
+
+
+@pytest.fixture
+def roles_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo: Path) -> Iterator[Path]:
+    """Roles carried inside the test repo (``<repo>/roles``), so a test can break a template."""
+    dest = repo / "roles"
+    shutil.copytree(ROOT / "roles", dest)
+    yield dest
+
+
+@pytest.fixture(autouse=True)
+def _no_host_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never read /etc/llm-agent; secrets come from the repo (demo identity) or env."""
+    monkeypatch.setenv("AGENT_SECRETS_FILE", str(tmp_path / "no-secrets.yaml"))
+    monkeypatch.setenv("AGENT_IDENTITY_FILE", str(DEMO_IDENTITY))
+    monkeypatch.delenv("AGENT_CONFIG", raising=False)
+    for var in ("AGENT_HOST", "AGENT_REPO", "AGENT_PROJECT_PREFIX"):
+        monkeypatch.delenv(var, raising=False)

@@ -1,0 +1,183 @@
+"""``agent render``: the motoko stack carries the seed's routing; the GPU hosts carry the seed's
+vLLM launch; secrets appear only in the 0600 env file, and only when revealed."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.cli import main
+from agent.desired import load_desired
+from agent.errors import DesiredStateError
+from agent.render import render_host
+from agent.secrets import SecretResolver
+from tests.conftest import DEMO_IDENTITY
+from tests.test_validate import edit
+
+SECRET_VALUES = ("sk-demo-not-a-real-key", "mkt-demo-bearer-token-change-me")
+
+
+def render(repo: Path, host: str, out: Path, *extra: str) -> dict[str, str]:
+    assert main(["render", "--host", host, "--repo", str(repo), "--out", str(out), *extra]) == 0
+    return {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()}
+
+
+def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
+    files = render(repo, "motoko", tmp_path / "out")
+    assert set(files) == {"compose.yaml", "config/config.yaml", "litellm.env"}
+    cfg: dict[str, Any] = yaml.safe_load(files["config/config.yaml"])
+    models = {m["model_name"]: m for m in cfg["model_list"]}
+    assert set(models) == {"local/chat", "local/reasoner", "local/embed", "openai/strong", "openai/cheap"}
+    assert models["local/chat"]["litellm_params"]["model"] == "hosted_vllm/Qwen/Qwen2.5-7B-Instruct-AWQ"
+    assert models["local/chat"]["litellm_params"]["api_base"] == "http://armitage:8000/v1"
+    assert (
+        models["local/reasoner"]["litellm_params"]["model"] == "hosted_vllm/meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ"
+    )
+    assert models["local/reasoner"]["litellm_params"]["api_base"] == "http://wintermute:8000/v1"
+    assert models["local/embed"]["litellm_params"]["api_base"] == "http://motoko:8200/v1"
+    assert models["openai/strong"]["litellm_params"]["model"] == "openai/gpt-4.1-mini"
+    assert models["openai/cheap"]["litellm_params"]["model"] == "openai/gpt-4o-mini"
+    assert models["openai/strong"]["model_info"]["disable_background_health_check"] is True
+    assert models["local/chat"]["model_info"]["max_input_tokens"] == 12000
+    router = cfg["router_settings"]
+    assert {"local/chat": ["local/reasoner", "openai/strong"]} in router["fallbacks"]
+    assert {"local/chat": ["openai/strong"]} in router["context_window_fallbacks"]
+    assert router["enable_pre_call_checks"] is True
+    assert router["num_retries"] == 0
+    assert "allowed_fails" not in router
+    assert router["provider_budget_config"] == {"openai": {"budget_limit": 150.0, "time_period": "1mo"}}
+    assert cfg["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
+    env = files["litellm.env"]
+    assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in env
+    compose = yaml.safe_load(files["compose.yaml"])
+    assert compose["services"]["litellm"]["container_name"] == "litellm"
+    assert compose["services"]["litellm"]["ports"] == ["0.0.0.0:8000:4000"]
+    assert "--run_gunicorn" in compose["services"]["litellm"]["command"]
+    assert compose["services"]["redis"]["image"].startswith("redis:")
+
+
+def test_secrets_redacted_unless_revealed(repo: Path, tmp_path: Path) -> None:
+    files = render(repo, "motoko", tmp_path / "redacted")
+    for text in files.values():
+        for value in SECRET_VALUES:
+            assert value not in text
+    assert "LITELLM_MASTER_KEY=**REDACTED**" in files["litellm.env"]
+
+    out = tmp_path / "revealed"
+    files = render(repo, "motoko", out, "--reveal-secrets")
+    assert "LITELLM_MASTER_KEY=mkt-demo-bearer-token-change-me" in files["litellm.env"]
+    assert stat.S_IMODE((out / "litellm.env").stat().st_mode) == 0o600
+    for name, text in files.items():
+        if name != "litellm.env":
+            assert not any(v in text for v in SECRET_VALUES), name
+
+
+def test_secret_from_environment_wins(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_SECRET_LITELLM_BEARER_TOKEN", "mkt-from-env")
+    files = render(repo, "motoko", tmp_path / "o", "--reveal-secrets")
+    assert "LITELLM_MASTER_KEY=mkt-from-env" in files["litellm.env"]
+
+
+def test_secret_leak_into_config_is_refused(repo: Path, roles_copy: Path) -> None:
+    edit(
+        roles_copy / "motoko/templates/litellm.config.yaml.j2",
+        "{{ litellm_config | to_yaml }}",
+        "# key {{ openai_api_key }}\n{{ litellm_config | to_yaml }}",
+    )
+    desired = load_desired(repo)
+    resolver = SecretResolver.for_repo(repo, identity=DEMO_IDENTITY)
+    render_host(desired, "motoko", resolver)  # redacted: harmless
+    with pytest.raises(DesiredStateError, match="a secret value would be written here"):
+        render_host(desired, "motoko", resolver, reveal=True)
+
+
+def test_undecryptable_secret_is_a_clear_error(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AGENT_IDENTITY_FILE", str(tmp_path / "missing-identity.txt"))
+    code = main(["render", "--host", "motoko", "--repo", str(repo), "--out", str(tmp_path / "o"), "--reveal-secrets"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cannot be decrypted: no identity file" in err
+    assert not any(v in err for v in SECRET_VALUES)
+
+
+SEED_ARGS = [
+    "--quantization",
+    "awq",
+    "--max-model-len",
+    "8192",
+    "--gpu-memory-utilization",
+    "0.90",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "8000",
+]
+
+
+@pytest.mark.parametrize(
+    ("host", "model"),
+    [("armitage", "Qwen/Qwen2.5-7B-Instruct-AWQ"), ("wintermute", "meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ")],
+)
+def test_gpu_nodes_launch_vllm_like_the_seed(repo: Path, tmp_path: Path, host: str, model: str) -> None:
+    compose = yaml.safe_load(render(repo, host, tmp_path / host)["compose.yaml"])
+    vllm = compose["services"]["vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    cmd = vllm["command"]
+    assert cmd[cmd.index("--model") + 1] == model
+    for flag, value in zip(SEED_ARGS[::2], SEED_ARGS[1::2], strict=True):
+        assert cmd[cmd.index(flag) + 1] == value, flag
+    assert vllm["ipc"] == "host"
+    assert vllm["ulimits"]["memlock"] == -1
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert vllm["healthcheck"]["start_period"] == "900s"
+    assert vllm["restart"] == "unless-stopped"
+
+
+def test_gemma_switch_is_one_line(repo: Path, tmp_path: Path) -> None:
+    edit(repo / "hosts/wintermute.yaml", "  model_hf_id: meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ\n", "")
+    edit(
+        repo / "hosts/wintermute.yaml",
+        "# model_hf_id: google/gemma-2-9b-it-AWQ",
+        "model_hf_id: google/gemma-2-9b-it-AWQ",
+    )
+    cmd = yaml.safe_load(render(repo, "wintermute", tmp_path / "w")["compose.yaml"])["services"]["vllm"]["command"]
+    assert cmd[cmd.index("--model") + 1] == "google/gemma-2-9b-it-AWQ"
+    cfg = yaml.safe_load(render(repo, "motoko", tmp_path / "m")["config/config.yaml"])
+    reasoner = next(m for m in cfg["model_list"] if m["model_name"] == "local/reasoner")
+    assert reasoner["litellm_params"]["model"] == "hosted_vllm/google/gemma-2-9b-it-AWQ"
+
+
+def test_cpu_only_host_requests_no_gpu(repo: Path) -> None:
+    edit(repo / "hosts/armitage.yaml", "vllm_port: 8000", "vllm_port: 8000\n  gpu_count: 0")
+    stack = render_host(load_desired(repo), "armitage", SecretResolver.for_repo(repo, identity=DEMO_IDENTITY)).stack
+    assert stack.services["vllm"].gpus is None
+    stack = render_host(load_desired(repo), "wintermute", SecretResolver.for_repo(repo, identity=DEMO_IDENTITY)).stack
+    assert stack.services["vllm"].gpus is not None and stack.services["vllm"].gpus.count == -1
+
+
+def test_seed_base_url_override(repo: Path, tmp_path: Path) -> None:
+    edit(
+        repo / "hosts/motoko.yaml", "embed_base_url:", 'armitage_base_url: "http://armitage:8001/v1"\n  embed_base_url:'
+    )
+    cfg = yaml.safe_load(render(repo, "motoko", tmp_path / "m")["config/config.yaml"])
+    chat = next(m for m in cfg["model_list"] if m["model_name"] == "local/chat")
+    assert chat["litellm_params"]["api_base"] == "http://armitage:8001/v1"
+
+
+def test_prefix_and_ports_let_hosts_share_one_engine(repo: Path) -> None:
+    stack = render_host(
+        load_desired(repo), "motoko", SecretResolver.for_repo(repo, identity=DEMO_IDENTITY), prefix="t1-"
+    ).stack
+    assert stack.project == "t1-motoko"
+    assert stack.services["litellm"].container_name == "t1-litellm"
+
+
+def test_unknown_host(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "--host", "neuromancer", "--repo", str(repo), "--out", str(tmp_path)]) == 1
+    assert "no such host 'neuromancer' (hosts: armitage, motoko, wintermute)" in capsys.readouterr().err
