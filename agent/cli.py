@@ -40,9 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     common(r, host=True)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--reveal-secrets", action="store_true", help="write secret values into the env file")
-    pl = sub.add_parser("plan", help="what apply would do, with reasons (no change made)")
+    pl = sub.add_parser("plan", help="what apply would do against the live engine, with reasons (no change made)")
     common(pl, host=True)
     pl.add_argument("--json", action="store_true")
+    ap = sub.add_parser("apply", help="one reconcile pass now, then exit")
+    common(ap, host=True)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--state-dir", type=Path, help="state directory (default $AGENT_STATE_DIR or /var/lib/llm-agent)")
+    ap.add_argument("--retry", action="store_true", help="retry a quarantined desired state")
+    ap.add_argument("--health-timeout", type=float, help="cap, in seconds, on waiting for a service to be healthy")
     return p
 
 
@@ -50,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-        handler = {"validate": cmd_validate, "render": cmd_render, "plan": cmd_plan}[args.command]
+        handler = {"validate": cmd_validate, "render": cmd_render, "plan": cmd_plan, "apply": cmd_apply}[args.command]
         return handler(args, settings)
     except DesiredStateError as exc:
         _print_problems(exc.problems)
@@ -63,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("repo", "host", "project_prefix", "secrets_file", "identity_file")
+    keys = ("repo", "host", "project_prefix", "secrets_file", "identity_file", "state_dir")
     return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
@@ -139,33 +145,45 @@ def _write(path: Path, content: str, mode: int) -> Path:
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.desired import load_desired
-    from agent.observed import Observed
-    from agent.plan import pending, plan
-    from agent.render import render_host
+    from agent.engine import Engine
+    from agent.reconcile import reconcile_once
 
-    desired = load_desired(Path(settings.repo))
-    rendered = render_host(desired, settings.host, _resolver(settings), reveal=True, prefix=settings.project_prefix)
-    observed, source = Observed(), "none: the Docker adapter is not wired yet; planning against an empty engine"
-    actions = plan(rendered.stack, observed, desired.roles[rendered.role].spec.on_config_change)
+    result = reconcile_once(settings, Engine(), dry_run=True)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "host": rendered.host,
-                    "project": rendered.project,
-                    "observed": source,
-                    "pending": pending(actions),
-                    "actions": [a.as_dict() for a in actions],
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(result.as_dict(), indent=2))
     else:
-        print(f"host {rendered.host}, project {rendered.project}; observed: {source}")
-        for action in actions:
+        if result.project:
+            print(f"host {result.host}, project {result.project}, desired commit {result.commit}")
+        for action in result.actions:
             print(f"  {action}")
-    return 2 if pending(actions) else 0
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    return 2 if result.result == "changes-pending" else 0
+
+
+def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.engine import Engine
+    from agent.reconcile import reconcile_once
+
+    def say(message: str) -> None:
+        if not args.json:
+            print(f"  .. {message}", flush=True)
+
+    result = reconcile_once(settings, Engine(), retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        for action in result.actions:
+            if action.kind != "noop":
+                print(f"  {action}")
+        if result.applied and result.applied.rolled_back:
+            print("rolled back: the previous containers are serving", file=sys.stderr)
+        if result.error:
+            print(f"failed: {result.error}", file=sys.stderr)
+        else:
+            print(f"converged: host {result.host}, project {result.project}, commit {result.commit}")
+    return 0 if result.result == "converged" else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

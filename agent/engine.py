@@ -1,0 +1,314 @@
+"""The Docker adapter: the only module that imports ``docker``.
+
+It observes (into ``agent.observed`` types) and performs single, named operations for the
+executor. Every exception of the docker SDK and of ``requests`` underneath it is mapped at
+this boundary onto our own tree (a test pins that none escapes):
+
+    AgentError
+    └── EngineError             any engine failure, with the operation that failed
+        ├── EngineUnavailable   the daemon cannot be reached
+        ├── ImageUnavailable    an image is neither present nor pullable
+        └── NotFound            the container/network it named is gone
+
+Observation costs three API calls whatever the number of services: one container list, one
+network list, one image list (engine API 1.41, see shared/notes/docker.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+import structlog
+from docker.types import DeviceRequest, EndpointConfig, Healthcheck, Ulimit
+
+from agent import labels as L
+from agent.errors import AgentError
+from agent.observed import Observed, ObservedContainer
+from agent.stack import ServiceSpec, StackSpec
+
+log = structlog.get_logger("agent.engine")
+
+NS = 1_000_000_000
+
+
+class EngineError(AgentError):
+    """The Docker engine refused or failed an operation."""
+
+
+class EngineUnavailable(EngineError):
+    pass
+
+
+class ImageUnavailable(EngineError):
+    pass
+
+
+class NotFound(EngineError):
+    pass
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise ImageUnavailable(f"{what}: {_explain(exc)}") from None
+    except docker.errors.NotFound as exc:
+        raise NotFound(f"{what}: {_explain(exc)}") from None
+    except docker.errors.APIError as exc:
+        raise EngineError(f"{what}: {_explain(exc)}") from None
+    except docker.errors.DockerException as exc:
+        raise EngineUnavailable(f"{what}: Docker engine not reachable ({exc})") from None
+    except requests.exceptions.RequestException as exc:
+        raise EngineUnavailable(f"{what}: Docker engine not reachable ({type(exc).__name__})") from None
+
+
+def _explain(exc: docker.errors.APIError) -> str:
+    return str(exc.explanation or exc)
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``repo[:tag][@digest]`` -> (repository, tag or digest) as the pull API wants them."""
+    if "@" in ref:
+        repo, digest = ref.split("@", 1)
+        return repo, digest
+    name, _, tag = ref.rpartition(":")
+    if name and "/" not in tag:
+        return name, tag
+    return ref, "latest"
+
+
+class Engine:
+    """A thin wrapper over the low-level API client (``docker.APIClient``)."""
+
+    def __init__(self, api: Any | None = None, base_url: str | None = None) -> None:
+        if api is None:
+            with _mapped("connect"):
+                # Let the SDK negotiate: the engine here is 20.10 (API 1.41).
+                api = docker.APIClient(base_url=base_url or "unix:///var/run/docker.sock", version="auto", timeout=60)
+        self.api = api
+
+    # ------------------------------------------------------------------ observe
+
+    def observe(self, project: str, images: list[str], names: list[str] = ()) -> Observed:  # type: ignore[assignment]
+        """Our containers for ``project`` (plus any container holding one of ``names``),
+        the project's networks, and the local ids of ``images``: three API calls."""
+        with _mapped("list containers"):
+            raw = self.api.containers(all=True)
+        wanted = set(names)
+        containers = []
+        for c in raw:
+            labels = c.get("Labels") or {}
+            cname = (c.get("Names") or ["/?"])[0].lstrip("/")
+            if labels.get(L.PROJECT) == project or cname in wanted:
+                containers.append(_container(c, cname))
+        with _mapped("list networks"):
+            nets = self.api.networks(filters={"label": f"{L.PROJECT}={project}"})
+        with _mapped("list images"):
+            local = self.api.images()
+        by_ref: dict[str, str] = {}
+        for img in local:
+            for ref in (img.get("RepoTags") or []) + (img.get("RepoDigests") or []):
+                by_ref[ref] = img["Id"]
+        return Observed(
+            containers=tuple(containers),
+            networks=tuple(sorted(n["Name"] for n in nets)),
+            images={ref: by_ref.get(_normal(ref)) for ref in images},
+        )
+
+    # ------------------------------------------------------------------ images
+
+    def pull(self, ref: str) -> str:
+        """Pull ``ref`` with progress in the log; returns the image id."""
+        repo, tag = split_ref(ref)
+        last = 0.0
+        with _mapped(f"pull {ref}"):
+            for event in self.api.pull(repo, tag=tag, stream=True, decode=True):
+                if "error" in event:
+                    raise ImageUnavailable(f"image {ref} cannot be pulled: {event['error']}")
+                now = time.monotonic()
+                if now - last > 2:
+                    log.info("pull progress", image=ref, status=event.get("status"), progress=event.get("progress"))
+                    last = now
+        return self.image_id(ref) or ""
+
+    def image_id(self, ref: str) -> str | None:
+        try:
+            with _mapped(f"inspect image {ref}"):
+                return str(self.api.inspect_image(ref)["Id"])
+        except (ImageUnavailable, NotFound):
+            return None
+
+    # ------------------------------------------------------------------ networks / volumes
+
+    def ensure_network(self, name: str, project: str, network: str, driver: str) -> None:
+        with _mapped(f"create network {name}"):
+            if self.api.networks(names=[name]):
+                return
+            self.api.create_network(
+                name, driver=driver, check_duplicate=True,
+                labels={L.PROJECT: project, L.NETWORK: network, L.OWNER: L.OWNER_VALUE, L.VERSION: "2.40.0"},
+            )
+
+    def ensure_volume(self, name: str, project: str, volume: str, driver: str) -> None:
+        with _mapped(f"create volume {name}"):
+            self.api.create_volume(
+                name, driver=driver, labels={L.PROJECT: project, L.VOLUME: volume, L.OWNER: L.OWNER_VALUE}
+            )
+
+    def remove_network(self, name: str) -> None:
+        try:
+            with _mapped(f"remove network {name}"):
+                self.api.remove_network(name)
+        except NotFound:
+            pass
+        except EngineError as exc:
+            if "active endpoints" not in str(exc):  # engine 20.10 quirk: tolerated
+                raise
+            log.warning("network still has endpoints; left for later", network=name)
+
+    # ------------------------------------------------------------------ containers
+
+    def create(self, stack: StackSpec, spec: ServiceSpec, name: str, labels: dict[str, str], stack_dir: str) -> str:
+        nets = [f"{stack.project}_{n}" for n in spec.networks]
+        host_config = self.api.create_host_config(
+            port_bindings={f"{p.container_port}/{p.protocol}": (p.host_ip or "0.0.0.0", p.host_port) for p in spec.ports},
+            binds=[_bind(m.type, m.source, m.target, m.read_only, stack, stack_dir) for m in spec.mounts] or None,
+            restart_policy={"Name": spec.restart} if spec.restart != "no" else None,
+            ipc_mode=spec.ipc,
+            shm_size=spec.shm_size,
+            ulimits=[Ulimit(name=k, soft=v.soft, hard=v.hard) for k, v in sorted(spec.ulimits.items())] or None,
+            device_requests=(
+                [DeviceRequest(driver=spec.gpus.driver, count=spec.gpus.count, device_ids=list(spec.gpus.device_ids) or None,
+                               capabilities=[list(spec.gpus.capabilities)])]
+                if spec.gpus else None
+            ),
+            init=spec.init,
+            extra_hosts=list(spec.extra_hosts) or None,
+            network_mode=nets[0],
+        )
+        hc = spec.healthcheck
+        health = (
+            Healthcheck(test=list(hc.test), interval=int(hc.interval_s * NS), timeout=int(hc.timeout_s * NS),
+                        retries=hc.retries, start_period=int(hc.start_period_s * NS))
+            if hc else None
+        )
+        # API 1.41: only one network in the create call; the rest are connected afterwards.
+        networking = {"EndpointsConfig": {nets[0]: EndpointConfig("1.41", aliases=[spec.name])}}
+        with _mapped(f"create container {name}"):
+            created = self.api.create_container(
+                image=spec.image, name=name, command=list(spec.command) if spec.command is not None else None,
+                entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
+                environment=dict(spec.environment), labels=labels, host_config=host_config,
+                ports=[(p.container_port, p.protocol) for p in spec.ports] or None,
+                networking_config=networking, healthcheck=health, user=spec.user, working_dir=spec.working_dir,
+                stop_signal=spec.stop_signal,
+                stop_timeout=int(spec.stop_grace_period_s) if spec.stop_grace_period_s is not None else None,
+                hostname=None, detach=True,
+            )
+        cid = str(created["Id"])
+        for net in nets[1:]:
+            with _mapped(f"connect {name} to {net}"):
+                self.api.connect_container_to_network(cid, net, aliases=[spec.name])
+        return cid
+
+    def start(self, cid: str) -> None:
+        with _mapped(f"start {cid[:12]}"):
+            self.api.start(cid)
+
+    def stop(self, cid: str, timeout: int = 10) -> None:
+        with _mapped(f"stop {cid[:12]}"):
+            self.api.stop(cid, timeout=timeout)
+
+    def restart(self, cid: str, timeout: int = 10) -> None:
+        with _mapped(f"restart {cid[:12]}"):
+            self.api.restart(cid, timeout=timeout)
+
+    def signal(self, cid: str, sig: str) -> None:
+        with _mapped(f"signal {sig} to {cid[:12]}"):
+            self.api.kill(cid, signal=sig)
+
+    def rename(self, cid: str, name: str) -> None:
+        with _mapped(f"rename {cid[:12]} to {name}"):
+            self.api.rename(cid, name)
+
+    def remove(self, cid: str) -> None:
+        try:
+            with _mapped(f"remove {cid[:12]}"):
+                self.api.remove_container(cid, force=True, v=False)
+        except NotFound:
+            pass
+
+    def state(self, cid: str) -> tuple[str, str | None, int]:
+        """(status, health or None, exit code) of one container."""
+        with _mapped(f"inspect {cid[:12]}"):
+            st = self.api.inspect_container(cid)["State"]
+        health = (st.get("Health") or {}).get("Status")
+        return str(st.get("Status")), health, int(st.get("ExitCode") or 0)
+
+    def logs_tail(self, cid: str, lines: int = 5) -> str:
+        try:
+            with _mapped(f"logs {cid[:12]}"):
+                return bytes(self.api.logs(cid, tail=lines)).decode("utf-8", "replace").strip()
+        except EngineError:
+            return ""
+
+    def wait_healthy(self, cid: str, deadline_s: float, has_healthcheck: bool, sleep: Callable[[float], None] = time.sleep) -> str | None:
+        """None once healthy (or running, without a healthcheck); else why it is not."""
+        end = time.monotonic() + deadline_s
+        settle = time.monotonic() + 1.0  # a container that exits at once must not pass
+        while True:
+            status, health, code = self.state(cid)
+            if status in ("exited", "dead"):
+                tail = self.logs_tail(cid)
+                return f"exited with code {code}" + (f": {tail.splitlines()[-1]}" if tail else "")
+            if has_healthcheck and health == "healthy":
+                return None
+            if has_healthcheck and health == "unhealthy":
+                return "healthcheck reports unhealthy"
+            if not has_healthcheck and status == "running" and time.monotonic() >= settle:
+                return None
+            if time.monotonic() >= end:
+                return f"not healthy within {deadline_s:.0f}s (status {status}, health {health})"
+            sleep(0.25)
+
+
+def _normal(ref: str) -> str:
+    """How the engine lists a reference in RepoTags / RepoDigests."""
+    if "@" in ref:
+        return ref
+    last = ref.rsplit("/", 1)[-1]
+    return ref if ":" in last else f"{ref}:latest"
+
+
+def _bind(kind: str, source: str, target: str, read_only: bool, stack: StackSpec, stack_dir: str) -> str:
+    """``-v`` form: a missing host directory is created, as compose does."""
+    if kind == "volume":
+        src = f"{stack.project}_{source}"
+    elif source.startswith("/"):
+        src = source
+    else:
+        src = str(PurePosixPath(stack_dir) / source)
+    return f"{src}:{target}:{'ro' if read_only else 'rw'}"
+
+
+def _container(c: dict[str, Any], name: str) -> ObservedContainer:
+    status = str(c.get("Status") or "")
+    health = None
+    if "(healthy)" in status:
+        health = "healthy"
+    elif "(unhealthy)" in status:
+        health = "unhealthy"
+    elif "(health: starting)" in status:
+        health = "starting"
+    return ObservedContainer(
+        id=c["Id"], name=name, state=c.get("State", "exited"), health=health,  # type: ignore[arg-type]
+        image_id=c.get("ImageID"), labels=c.get("Labels") or {}, created=str(c.get("Created", "")),
+    )

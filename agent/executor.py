@@ -1,0 +1,275 @@
+"""Carries out a plan against the engine: files, networks, then containers, safely.
+
+The only place that changes anything. Order and safety rules:
+
+- images are pulled before anything running is touched; an image that cannot be had fails
+  the pass with nothing changed;
+- stack files are written atomically into the stack directory (mounted as directories), and
+  put back as they were if the pass fails;
+- services start in ``depends_on`` waves, independent ones in parallel (up to 8 workers), and
+  each waits for health within a deadline that honours its healthcheck's start period;
+- a replacement creates the new container before the old one stops; where no host port is in
+  the way, the new one is healthy before the old one goes. A new container that fails its
+  deadline or exits is removed and the old one brought back.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as pysecrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from agent.engine import Engine, EngineError
+from agent.plan import Action, Desired, container_labels, container_name, desired_service, network_name
+from agent.stack import ServiceSpec, StackSpec
+
+log = structlog.get_logger("agent.executor")
+
+MAX_WORKERS = 8
+
+
+@dataclass
+class Outcome:
+    action: Action
+    ok: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {**self.action.as_dict(), "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class ApplyResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    error: str | None = None
+    rolled_back: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(o.ok for o in self.outcomes)
+
+
+class ServiceFailed(Exception):
+    def __init__(self, message: str, rolled_back: bool = False) -> None:
+        super().__init__(message)
+        self.rolled_back = rolled_back
+
+
+def health_deadline(spec: ServiceSpec, cap: float | None) -> float:
+    hc = spec.healthcheck
+    if hc is None:
+        deadline = 15.0
+    else:
+        deadline = hc.start_period_s + (hc.interval_s + hc.timeout_s) * (hc.retries + 1) + 5.0
+    return min(deadline, cap) if cap else deadline
+
+
+class Executor:
+    def __init__(
+        self,
+        engine: Engine,
+        stack_dir: Path,
+        host: str,
+        commit: str,
+        health_cap_s: float | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.stack_dir = stack_dir
+        self.host = host
+        self.commit = commit
+        self.health_cap_s = health_cap_s
+        self.say = on_event or (lambda msg: None)
+
+    def apply(self, stack: StackSpec, actions: list[Action]) -> ApplyResult:
+        result = ApplyResult()
+        conflicts = [a for a in actions if a.kind == "conflict"]
+        if conflicts:
+            result.outcomes = [Outcome(a, False, a.reason) for a in conflicts]
+            result.error = conflicts[0].reason
+            return result
+
+        # 1. Images, before anything running is touched.
+        image_ids: dict[str, str | None] = {}
+        for action in actions:
+            if action.kind == "pull":
+                self.say(f"pulling {action.target}")
+                try:
+                    image_ids[action.target] = self.engine.pull(action.target)
+                except EngineError as exc:
+                    result.outcomes.append(Outcome(action, False, str(exc)))
+                    result.error = f"image {action.target} cannot be had: {exc}; nothing was changed"
+                    return result
+                result.outcomes.append(Outcome(action, True, f"pulled {action.target}"))
+        for svc in stack.services.values():
+            if svc.image not in image_ids:
+                image_ids[svc.image] = self.engine.image_id(svc.image)
+            if image_ids[svc.image] is None:
+                result.error = f"image {svc.image} is not present and was not pulled; nothing was changed"
+                return result
+
+        # 2. Files (kept to put back on failure), networks.
+        previous = self._write_files(stack)
+        try:
+            for action in actions:
+                if action.kind == "create_network":
+                    net = next(n for n in stack.networks.values() if network_name(stack, n.name) == action.target)
+                    self.engine.ensure_network(action.target, stack.project, net.name, net.driver)
+                    result.outcomes.append(Outcome(action, True))
+            for vol in stack.volumes.values():
+                if not vol.external:
+                    self.engine.ensure_volume(f"{stack.project}_{vol.name}", stack.project, vol.name, vol.driver)
+
+            # 3. Services, wave by wave; independent services of a wave in parallel.
+            by_service: dict[str, list[Action]] = {}
+            for action in actions:
+                if action.kind in ("create", "recreate", "start", "reload", "restart", "noop") or (
+                    action.kind == "remove" and action.target in stack.services
+                ):
+                    by_service.setdefault(action.target, []).append(action)
+            for wave in stack.start_order():
+                todo = [s for s in wave if s in by_service]
+                with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, max(1, len(todo)))) as pool:
+                    futures = {
+                        s: pool.submit(self._service, stack, s, by_service[s], image_ids[stack.services[s].image])
+                        for s in todo
+                    }
+                failed = False
+                for s in todo:
+                    try:
+                        result.outcomes.extend(futures[s].result())
+                    except ServiceFailed as exc:
+                        failed = True
+                        result.rolled_back = result.rolled_back or exc.rolled_back
+                        result.outcomes.append(Outcome(by_service[s][-1], False, str(exc)))
+                        result.error = result.error or f"service '{s}': {exc}"
+                if failed:
+                    break  # dependents of a failed service are not touched
+
+            # 4. Orphans, once everything wanted is up.
+            if result.error is None:
+                for action in actions:
+                    if action.kind == "remove" and action.target not in stack.services and action.container:
+                        self.say(f"removing orphan {action.target}")
+                        self.engine.remove(action.container)
+                        result.outcomes.append(Outcome(action, True))
+        except EngineError as exc:
+            result.error = str(exc)
+        if result.error is not None:
+            self._restore_files(previous)
+        return result
+
+    # ------------------------------------------------------------------ per service
+
+    def _service(self, stack: StackSpec, name: str, actions: list[Action], image_id: str | None) -> list[Outcome]:
+        want = desired_service(stack, name, image_id)
+        outcomes = []
+        for action in actions:
+            if action.kind == "remove" and action.container:
+                self.say(f"{name}: removing {action.reason}")
+                self.engine.remove(action.container)
+            elif action.kind == "create":
+                self.say(f"{name}: creating")
+                self._create_and_wait(stack, want, container_name(stack, name))
+            elif action.kind == "recreate" and action.container:
+                self.say(f"{name}: replacing ({action.reason})")
+                self._replace(stack, want, action.container)
+            elif action.kind == "start" and action.container:
+                self.say(f"{name}: starting")
+                self.engine.start(action.container)
+                self._wait(want.spec, action.container)
+            elif action.kind == "restart" and action.container:
+                self.say(f"{name}: restarting ({action.reason})")
+                self.engine.restart(action.container)
+                self._wait(want.spec, action.container)
+            elif action.kind == "reload" and action.container and action.signal:
+                self.say(f"{name}: sending {action.signal} ({action.reason})")
+                self.engine.signal(action.container, action.signal)
+            outcomes.append(Outcome(action, True))
+        return outcomes
+
+    def _labels(self, stack: StackSpec, want: Desired) -> dict[str, str]:
+        return container_labels(stack, want, self.host, self.commit)
+
+    def _create_and_wait(self, stack: StackSpec, want: Desired, name: str) -> str:
+        cid = self.engine.create(stack, want.spec, name, self._labels(stack, want), str(self.stack_dir))
+        try:
+            self.engine.start(cid)
+            self._wait(want.spec, cid)
+        except (ServiceFailed, EngineError):
+            self.engine.remove(cid)
+            raise
+        return cid
+
+    def _wait(self, spec: ServiceSpec, cid: str) -> None:
+        why = self.engine.wait_healthy(cid, health_deadline(spec, self.health_cap_s), spec.healthcheck is not None)
+        if why is not None:
+            raise ServiceFailed(why)
+
+    def _replace(self, stack: StackSpec, want: Desired, old: str) -> None:
+        final = container_name(stack, want.spec.name)
+        suffix = pysecrets.token_hex(3)
+        new = self.engine.create(stack, want.spec, f"{final}-new-{suffix}", self._labels(stack, want), str(self.stack_dir))
+        if not want.spec.ports:
+            # Case: no host port in the way: the new one is healthy before the old one goes.
+            try:
+                self.engine.start(new)
+                self._wait(want.spec, new)
+            except (ServiceFailed, EngineError) as exc:
+                self.engine.remove(new)
+                raise ServiceFailed(f"new container failed ({exc}); rolled back, old container kept", True) from None
+            self.engine.remove(old)
+            self.engine.rename(new, final)
+            return
+        # Case: host ports are taken by the old one: stop it (kept for rollback), start the new.
+        self.engine.stop(old)
+        self.engine.rename(old, f"{final}-old-{suffix}")
+        try:
+            self.engine.rename(new, final)
+            self.engine.start(new)
+            self._wait(want.spec, new)
+        except (ServiceFailed, EngineError) as exc:
+            self.engine.remove(new)
+            self.engine.rename(old, final)
+            self.engine.start(old)
+            raise ServiceFailed(f"new container failed ({exc}); rolled back, old container restarted", True) from None
+        self.engine.remove(old)
+
+    # ------------------------------------------------------------------ files
+
+    def _write_files(self, stack: StackSpec) -> dict[Path, tuple[bytes, int] | None]:
+        previous: dict[Path, tuple[bytes, int] | None] = {}
+        self.stack_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for f in stack.files.values():
+            path = self.stack_dir / f.path
+            previous[path] = (path.read_bytes(), path.stat().st_mode & 0o777) if path.is_file() else None
+            if previous[path] is not None and previous[path] == (f.content.encode(), f.mode):
+                continue
+            write_atomic(path, f.content.encode(), f.mode)
+        return previous
+
+    def _restore_files(self, previous: dict[Path, tuple[bytes, int] | None]) -> None:
+        for path, old in previous.items():
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, old[0], old[1])
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write-then-rename in the same directory, fsynced: a reader sees old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,79 @@
+"""The agent's persistent state in its state dir: applied commit, recent runs, quarantine.
+
+One JSON document, written atomically (temp file, fsync, rename), so a ``kill -9`` at any
+instant leaves either the old or the new state, never a torn one. Owned by the reconcile
+pass; ``agent status`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from agent.errors import ConfigError
+
+MAX_RUNS = 20
+
+
+class Run(BaseModel):
+    id: str
+    started: float
+    finished: float
+    result: str  # converged | failed | skipped
+    commit: str
+    error: str | None = None
+    actions: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Quarantined(BaseModel):
+    commit: str
+    reason: str
+    at: float
+
+
+class Pause(BaseModel):
+    reason: str
+    at: float
+
+
+class AgentState(BaseModel):
+    applied_commit: str | None = None
+    applied_fingerprint: str | None = None
+    runs: list[Run] = Field(default_factory=list)
+    #: desired-state fingerprint -> why it is not retried
+    quarantine: dict[str, Quarantined] = Field(default_factory=dict)
+    paused: Pause | None = None
+
+    def record(self, run: Run) -> None:
+        self.runs = [*self.runs, run][-MAX_RUNS:]
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.path = state_dir / "state.json"
+
+    def load(self) -> AgentState:
+        if not self.path.is_file():
+            return AgentState()
+        try:
+            return AgentState.model_validate(json.loads(self.path.read_text()))
+        except (ValueError, ValidationError) as exc:
+            raise ConfigError(f"{self.path}: unreadable state ({type(exc).__name__}); move it aside to start fresh") from None
+
+    def save(self, state: AgentState) -> None:
+        from agent.executor import write_atomic
+
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(self.path, state.model_dump_json(indent=1).encode(), 0o600)
+
+    def stack_dir(self, project: str) -> Path:
+        return self.dir / "stacks" / project
+
+
+def now() -> float:
+    return time.time()
