@@ -148,7 +148,8 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from agent.engine import Engine
     from agent.reconcile import reconcile_once
 
-    result = reconcile_once(settings, Engine(), dry_run=True)
+    with Engine() as engine:
+        result = reconcile_once(settings, engine, dry_run=True)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -170,7 +171,10 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(f"  .. {message}", flush=True)
 
-    result = reconcile_once(settings, Engine(), retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say)
+    with Engine() as engine:
+        result = reconcile_once(
+            settings, engine, retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say
+        )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

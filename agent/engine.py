@@ -95,6 +95,15 @@ class Engine:
                 api = docker.APIClient(base_url=base_url or "unix:///var/run/docker.sock", version="auto", timeout=60)
         self.api = api
 
+    def close(self) -> None:
+        self.api.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ observe
 
     def observe(self, project: str, images: list[str], names: list[str] = ()) -> Observed:  # type: ignore[assignment]
@@ -153,7 +162,9 @@ class Engine:
             if self.api.networks(names=[name]):
                 return
             self.api.create_network(
-                name, driver=driver, check_duplicate=True,
+                name,
+                driver=driver,
+                check_duplicate=True,
                 labels={L.PROJECT: project, L.NETWORK: network, L.OWNER: L.OWNER_VALUE, L.VERSION: "2.40.0"},
             )
 
@@ -179,16 +190,25 @@ class Engine:
     def create(self, stack: StackSpec, spec: ServiceSpec, name: str, labels: dict[str, str], stack_dir: str) -> str:
         nets = [f"{stack.project}_{n}" for n in spec.networks]
         host_config = self.api.create_host_config(
-            port_bindings={f"{p.container_port}/{p.protocol}": (p.host_ip or "0.0.0.0", p.host_port) for p in spec.ports},
+            port_bindings={
+                f"{p.container_port}/{p.protocol}": (p.host_ip or "0.0.0.0", p.host_port) for p in spec.ports
+            },
             binds=[_bind(m.type, m.source, m.target, m.read_only, stack, stack_dir) for m in spec.mounts] or None,
             restart_policy={"Name": spec.restart} if spec.restart != "no" else None,
             ipc_mode=spec.ipc,
             shm_size=spec.shm_size,
             ulimits=[Ulimit(name=k, soft=v.soft, hard=v.hard) for k, v in sorted(spec.ulimits.items())] or None,
             device_requests=(
-                [DeviceRequest(driver=spec.gpus.driver, count=spec.gpus.count, device_ids=list(spec.gpus.device_ids) or None,
-                               capabilities=[list(spec.gpus.capabilities)])]
-                if spec.gpus else None
+                [
+                    DeviceRequest(
+                        driver=spec.gpus.driver,
+                        count=spec.gpus.count,
+                        device_ids=list(spec.gpus.device_ids) or None,
+                        capabilities=[list(spec.gpus.capabilities)],
+                    )
+                ]
+                if spec.gpus
+                else None
             ),
             init=spec.init,
             extra_hosts=list(spec.extra_hosts) or None,
@@ -196,22 +216,36 @@ class Engine:
         )
         hc = spec.healthcheck
         health = (
-            Healthcheck(test=list(hc.test), interval=int(hc.interval_s * NS), timeout=int(hc.timeout_s * NS),
-                        retries=hc.retries, start_period=int(hc.start_period_s * NS))
-            if hc else None
+            Healthcheck(
+                test=list(hc.test),
+                interval=int(hc.interval_s * NS),
+                timeout=int(hc.timeout_s * NS),
+                retries=hc.retries,
+                start_period=int(hc.start_period_s * NS),
+            )
+            if hc
+            else None
         )
         # API 1.41: only one network in the create call; the rest are connected afterwards.
         networking = {"EndpointsConfig": {nets[0]: EndpointConfig("1.41", aliases=[spec.name])}}
         with _mapped(f"create container {name}"):
             created = self.api.create_container(
-                image=spec.image, name=name, command=list(spec.command) if spec.command is not None else None,
+                image=spec.image,
+                name=name,
+                command=list(spec.command) if spec.command is not None else None,
                 entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
-                environment=dict(spec.environment), labels=labels, host_config=host_config,
+                environment=dict(spec.environment),
+                labels=labels,
+                host_config=host_config,
                 ports=[(p.container_port, p.protocol) for p in spec.ports] or None,
-                networking_config=networking, healthcheck=health, user=spec.user, working_dir=spec.working_dir,
+                networking_config=networking,
+                healthcheck=health,
+                user=spec.user,
+                working_dir=spec.working_dir,
                 stop_signal=spec.stop_signal,
                 stop_timeout=int(spec.stop_grace_period_s) if spec.stop_grace_period_s is not None else None,
-                hostname=None, detach=True,
+                hostname=None,
+                detach=True,
             )
         cid = str(created["Id"])
         for net in nets[1:]:
@@ -260,15 +294,18 @@ class Engine:
         except EngineError:
             return ""
 
-    def wait_healthy(self, cid: str, deadline_s: float, has_healthcheck: bool, sleep: Callable[[float], None] = time.sleep) -> str | None:
+    def wait_healthy(
+        self, cid: str, deadline_s: float, has_healthcheck: bool, sleep: Callable[[float], None] = time.sleep
+    ) -> str | None:
         """None once healthy (or running, without a healthcheck); else why it is not."""
         end = time.monotonic() + deadline_s
         settle = time.monotonic() + 1.0  # a container that exits at once must not pass
         while True:
             status, health, code = self.state(cid)
-            if status in ("exited", "dead"):
+            if status in ("exited", "dead", "restarting"):
                 tail = self.logs_tail(cid)
-                return f"exited with code {code}" + (f": {tail.splitlines()[-1]}" if tail else "")
+                loop = " (restart loop)" if status == "restarting" else ""
+                return f"exited with code {code}{loop}" + (f": {tail.splitlines()[-1]}" if tail else "")
             if has_healthcheck and health == "healthy":
                 return None
             if has_healthcheck and health == "unhealthy":
@@ -309,6 +346,11 @@ def _container(c: dict[str, Any], name: str) -> ObservedContainer:
     elif "(health: starting)" in status:
         health = "starting"
     return ObservedContainer(
-        id=c["Id"], name=name, state=c.get("State", "exited"), health=health,  # type: ignore[arg-type]
-        image_id=c.get("ImageID"), labels=c.get("Labels") or {}, created=str(c.get("Created", "")),
+        id=c["Id"],
+        name=name,
+        state=c.get("State", "exited"),
+        health=health,  # type: ignore[arg-type]
+        image_id=c.get("ImageID"),
+        labels=c.get("Labels") or {},
+        created=str(c.get("Created", "")),
     )

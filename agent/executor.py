@@ -15,6 +15,7 @@ The only place that changes anything. Order and safety rules:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets as pysecrets
 from collections.abc import Callable
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import structlog
 
+from agent import labels as L
 from agent.engine import Engine, EngineError
+from agent.observed import Observed
 from agent.plan import Action, Desired, container_labels, container_name, desired_service, network_name
 from agent.stack import ServiceSpec, StackSpec
 
@@ -190,6 +193,8 @@ class Executor:
             elif action.kind == "reload" and action.container and action.signal:
                 self.say(f"{name}: sending {action.signal} ({action.reason})")
                 self.engine.signal(action.container, action.signal)
+                # Labels cannot change on a live container: remember what it now runs with.
+                record_reload(self.stack_dir, action.container, want)
             outcomes.append(Outcome(action, True))
         return outcomes
 
@@ -214,7 +219,9 @@ class Executor:
     def _replace(self, stack: StackSpec, want: Desired, old: str) -> None:
         final = container_name(stack, want.spec.name)
         suffix = pysecrets.token_hex(3)
-        new = self.engine.create(stack, want.spec, f"{final}-new-{suffix}", self._labels(stack, want), str(self.stack_dir))
+        new = self.engine.create(
+            stack, want.spec, f"{final}-new-{suffix}", self._labels(stack, want), str(self.stack_dir)
+        )
         if not want.spec.ports:
             # Case: no host port in the way: the new one is healthy before the old one goes.
             try:
@@ -259,6 +266,42 @@ class Executor:
                 path.unlink(missing_ok=True)
             else:
                 write_atomic(path, old[0], old[1])
+
+
+RELOADS = ".reloads.json"
+
+
+def record_reload(stack_dir: Path, container: str, want: Desired) -> None:
+    path = stack_dir / RELOADS
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[container] = {"files_hash": want.files_hash, "files": want.files}
+    write_atomic(path, json.dumps(data).encode(), 0o600)
+
+
+def with_reloads(observed: Observed, stack_dir: Path) -> Observed:
+    """Observed containers as they run after in-place reloads (the label diffbase + reloads)."""
+    path = stack_dir / RELOADS
+    if not path.is_file():
+        return observed
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return observed
+    live = {c.id for c in observed.containers}
+    if set(data) - live:  # forget containers that are gone
+        data = {k: v for k, v in data.items() if k in live}
+        write_atomic(path, json.dumps(data).encode(), 0o600)
+    patched = []
+    for c in observed.containers:
+        if c.id in data:
+            labels = {
+                **c.labels,
+                L.FILES_HASH: data[c.id]["files_hash"],
+                L.FILES: json.dumps(data[c.id]["files"], sort_keys=True, separators=(",", ":")),
+            }
+            c = c.model_copy(update={"labels": labels})
+        patched.append(c)
+    return observed.model_copy(update={"containers": tuple(patched)})
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -120,8 +120,12 @@ class GpuNodeVars(Strict):
     hf_cache_dir: str
     #: Seconds the healthcheck tolerates failures while the model loads.
     health_start_period_s: int = Field(ge=0)
+    #: Seconds between healthchecks (also how soon a fresh container can first be healthy).
+    health_interval_s: int = Field(ge=1)
     health_probe: Literal["python", "curl", "wget"]
     shm_size: str | None = None
+    #: vLLM wants unlimited memlock and a large stack; hosts that may not raise them set {}.
+    ulimits: dict[str, int] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("serves")
@@ -167,6 +171,8 @@ class MotokoVars(Strict):
     openai_api_key: SecretRef
     litellm_bearer_token: SecretRef
     redis_image: str
+    #: Seconds between healthchecks of the gateway's containers.
+    health_interval_s: int = Field(ge=1)
     embed_base_url: str
     embed_model: str
     embed_max_input_tokens: int = Field(gt=0)

@@ -21,7 +21,7 @@ import structlog
 from agent.desired import load_desired
 from agent.engine import Engine, EngineError
 from agent.errors import AgentError, DesiredStateError
-from agent.executor import ApplyResult, Executor
+from agent.executor import ApplyResult, Executor, with_reloads
 from agent.plan import Action, container_name, pending, plan
 from agent.render import RenderedStack, render_host
 from agent.secrets import SecretResolver
@@ -44,8 +44,12 @@ class PassResult:
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
-            "run_id": self.run_id, "host": self.host, "project": self.project, "commit": self.commit,
-            "result": self.result, "error": self.error,
+            "run_id": self.run_id,
+            "host": self.host,
+            "project": self.project,
+            "commit": self.commit,
+            "result": self.result,
+            "error": self.error,
             "actions": [a.as_dict() for a in self.actions],
         }
         if self.applied is not None:
@@ -110,7 +114,8 @@ def reconcile_once(
         policy = desired.roles[rendered.role].spec.on_config_change
         images = sorted({s.image for s in stack.services.values()})
         names = [container_name(stack, s) for s in stack.services]
-        observed = engine.observe(stack.project, images, names)
+        stack_dir = store.stack_dir(stack.project)
+        observed = with_reloads(engine.observe(stack.project, images, names), stack_dir)
         result.actions = plan(stack, observed, policy)
         if not pending(result.actions):
             result.result = "converged"
@@ -129,11 +134,11 @@ def reconcile_once(
             _record(store, result, started, None)
             return result
         with pass_lock(settings.state_dir):
-            executor = Executor(engine, store.stack_dir(stack.project), settings.host, commit, health_cap_s, say)
+            executor = Executor(engine, stack_dir, settings.host, commit, health_cap_s, say)
             result.applied = executor.apply(stack, result.actions)
         if result.applied.ok:
             # Verify: observe again; converged means nothing is left to do.
-            after = plan(stack, engine.observe(stack.project, images, names), policy)
+            after = plan(stack, with_reloads(engine.observe(stack.project, images, names), stack_dir), policy)
             if pending(after):
                 result.error = "did not converge: " + "; ".join(str(a) for a in after if a.kind != "noop")
             else:
@@ -157,10 +162,17 @@ def _record(store: StateStore, result: PassResult, started: float, applied_fp: s
         if applied_fp is not None:
             state.applied_commit = result.commit
             state.applied_fingerprint = applied_fp
-        state.record(Run(
-            id=result.run_id, started=started, finished=now(), result=result.result, commit=result.commit,
-            error=result.error, actions=[a.as_dict() for a in result.actions if a.kind != "noop"],
-        ))
+        state.record(
+            Run(
+                id=result.run_id,
+                started=started,
+                finished=now(),
+                result=result.result,
+                commit=result.commit,
+                error=result.error,
+                actions=[a.as_dict() for a in result.actions if a.kind != "noop"],
+            )
+        )
         store.save(state)
     except (AgentError, OSError) as exc:
         log.warning("could not record the run", error=str(exc))

@@ -63,7 +63,9 @@ class StateStore:
         try:
             return AgentState.model_validate(json.loads(self.path.read_text()))
         except (ValueError, ValidationError) as exc:
-            raise ConfigError(f"{self.path}: unreadable state ({type(exc).__name__}); move it aside to start fresh") from None
+            raise ConfigError(
+                f"{self.path}: unreadable state ({type(exc).__name__}); move it aside to start fresh"
+            ) from None
 
     def save(self, state: AgentState) -> None:
         from agent.executor import write_atomic
