@@ -203,7 +203,7 @@ class Engine:
                     DeviceRequest(
                         driver=spec.gpus.driver,
                         count=spec.gpus.count,
-                        device_ids=list(spec.gpus.device_ids) or None,
+                        device_ids=list(spec.gpus.device_ids),
                         capabilities=[list(spec.gpus.capabilities)],
                     )
                 ]
@@ -299,7 +299,6 @@ class Engine:
     ) -> str | None:
         """None once healthy (or running, without a healthcheck); else why it is not."""
         end = time.monotonic() + deadline_s
-        settle = time.monotonic() + 1.0  # a container that exits at once must not pass
         while True:
             status, health, code = self.state(cid)
             if status in ("exited", "dead", "restarting"):
@@ -310,7 +309,9 @@ class Engine:
                 return None
             if has_healthcheck and health == "unhealthy":
                 return "healthcheck reports unhealthy"
-            if not has_healthcheck and status == "running" and time.monotonic() >= settle:
+            if not has_healthcheck and status == "running":
+                # Without a healthcheck, running is ready (as for compose); give a service a
+                # healthcheck to have its new version watched and rolled back.
                 return None
             if time.monotonic() >= end:
                 return f"not healthy within {deadline_s:.0f}s (status {status}, health {health})"
@@ -349,7 +350,7 @@ def _container(c: dict[str, Any], name: str) -> ObservedContainer:
         id=c["Id"],
         name=name,
         state=c.get("State", "exited"),
-        health=health,  # type: ignore[arg-type]
+        health=health,
         image_id=c.get("ImageID"),
         labels=c.get("Labels") or {},
         created=str(c.get("Created", "")),

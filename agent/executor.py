@@ -65,10 +65,8 @@ class ServiceFailed(Exception):
 
 def health_deadline(spec: ServiceSpec, cap: float | None) -> float:
     hc = spec.healthcheck
-    if hc is None:
-        deadline = 15.0
-    else:
-        deadline = hc.start_period_s + (hc.interval_s + hc.timeout_s) * (hc.retries + 1) + 5.0
+    # With a healthcheck: the start period, then every retry at most interval + timeout apart.
+    deadline = 15.0 if hc is None else hc.start_period_s + (hc.interval_s + hc.timeout_s) * (hc.retries + 1) + 5.0
     return min(deadline, cap) if cap else deadline
 
 
@@ -293,14 +291,15 @@ def with_reloads(observed: Observed, stack_dir: Path) -> Observed:
         write_atomic(path, json.dumps(data).encode(), 0o600)
     patched = []
     for c in observed.containers:
-        if c.id in data:
-            labels = {
-                **c.labels,
-                L.FILES_HASH: data[c.id]["files_hash"],
-                L.FILES: json.dumps(data[c.id]["files"], sort_keys=True, separators=(",", ":")),
-            }
-            c = c.model_copy(update={"labels": labels})
-        patched.append(c)
+        if c.id not in data:
+            patched.append(c)
+            continue
+        labels = {
+            **c.labels,
+            L.FILES_HASH: data[c.id]["files_hash"],
+            L.FILES: json.dumps(data[c.id]["files"], sort_keys=True, separators=(",", ":")),
+        }
+        patched.append(c.model_copy(update={"labels": labels}))
     return observed.model_copy(update={"containers": tuple(patched)})
 
 

@@ -130,7 +130,10 @@ def reconcile_once(
         state = store.load()
         if fp in state.quarantine and not retry_quarantined:
             q = state.quarantine[fp]
-            result.error = f"desired state quarantined since commit {q.commit}: {q.reason}; push a change (or --retry) to try again"
+            result.error = (
+                f"desired state quarantined since commit {q.commit}: {q.reason}; "
+                "push a change (or --retry) to try again"
+            )
             _record(store, result, started, None)
             return result
         with pass_lock(settings.state_dir):

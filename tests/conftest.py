@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dockerkit import fleet  # noqa: F401  (fixture for the Docker tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_IDENTITY = ROOT / "examples" / "demo-identity.txt"
 

@@ -128,7 +128,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     try:
         with Engine() as engine:
             engine.api.ping()
-    except Exception as exc:  # noqa: BLE001 - the message is what matters here
+    except Exception as exc:
         pytest.fail(f"Docker engine not reachable ({exc}); run scripts/setup")
     prefix = f"t{secrets.token_hex(3)}-"
     repo = tmp_path / "desired_state"

@@ -16,14 +16,14 @@ import pytest
 
 from agent import labels as L
 from agent.engine import Engine, EngineError, EngineUnavailable, NotFound
-from tests.dockerkit import MUTATING, Fleet, Recorder, docker, fleet, gpu_host  # noqa: F401
+from tests.dockerkit import MUTATING, Fleet, Recorder, docker, gpu_host
 
 pytestmark = pytest.mark.docker
 
 
 def models(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-        return r.read().decode()
+        return str(r.read().decode())
 
 
 def test_cold_apply_then_noop(

@@ -54,6 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog; the default of 5 drops connections under load
 
     def __init__(self, args: argparse.Namespace, env: Mapping[str, str]) -> None:
         self.args, self.env = args, dict(env)
@@ -115,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
         self.handle_request(body if isinstance(body, dict) else {"model": None, "_bad": 1})
 
     def handle_request(self, body: dict[str, Any] | None) -> None:
-        start, mode = time.monotonic(), self.server.mode()
+        start, mode, self.status = time.monotonic(), self.server.mode(), 0
         try:
             if mode == "hang" and (mode := self.hang()) == "hang":
                 self.close_connection = True

@@ -1,0 +1,85 @@
+"""The rendered motoko config, checked against the real LiteLLM proxy (slow: starts it).
+
+Fake vLLM servers stand in for armitage, wintermute and the embeddings service; the config
+is exactly what ``agent render`` writes for motoko, with the seed's per-host base-URL
+overrides pointing at the fakes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.cli import main
+from agent.secrets import EnvSecrets
+from agent.stack import parse_env_file
+from tests.proxykit import Proc, redis_port, start_fake, start_proxy  # noqa: F401
+from tests.test_validate import edit
+
+pytestmark = pytest.mark.slow
+TOKEN = "mkt-test-bearer-token-0123456789"
+
+
+@pytest.fixture
+def proxy(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_port: int) -> Iterator[dict[str, Proc]]:  # noqa: F811
+    procs = {
+        "armitage": start_fake(tmp_path, "armitage", "Qwen/Qwen2.5-7B-Instruct-AWQ"),
+        "wintermute": start_fake(tmp_path, "wintermute", "meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ"),
+        "embed": start_fake(tmp_path, "embed", "BAAI/bge-base-en-v1.5"),
+    }
+    try:
+        edit(repo / "hosts/motoko.yaml", "  embed_base_url: http://motoko:8200/v1", f"""  embed_base_url: http://127.0.0.1:{procs['embed'].port}/v1
+  armitage_base_url: http://127.0.0.1:{procs['armitage'].port}/v1
+  wintermute_base_url: http://127.0.0.1:{procs['wintermute'].port}/v1""")
+        monkeypatch.setenv(EnvSecrets.var("litellm_bearer_token"), TOKEN)
+        monkeypatch.setenv(EnvSecrets.var("openai_api_key"), "sk-test-not-used")
+        out = tmp_path / "rendered"
+        assert main(["render", "--host", "motoko", "--repo", str(repo), "--out", str(out), "--reveal-secrets"]) == 0
+        env = parse_env_file((out / "litellm.env").read_text())
+        env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_port))  # in the stack: the redis service
+        procs["proxy"] = start_proxy(tmp_path, out / "config" / "config.yaml", env)
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def chat(port: int, model: str, text: str = "Hello!", token: str = TOKEN) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16},
+        timeout=60,
+    )
+
+
+def test_rendered_config_serves_the_five_aliases(proxy: dict[str, Proc]) -> None:
+    port = proxy["proxy"].port
+    r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert {m["id"] for m in r.json()["data"]} >= {"local/chat", "local/reasoner", "local/embed", "openai/strong", "openai/cheap"}
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+    wrong = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-wrong"}, timeout=10)
+    assert wrong.status_code in (400, 401, 403), wrong.text
+
+    r = chat(port, "local/chat")
+    assert r.status_code == 200, r.text
+    assert "armitage" in r.json()["choices"][0]["message"]["content"]
+    assert r.headers["x-litellm-model-api-base"].startswith(f"http://127.0.0.1:{proxy['armitage'].port}")
+
+    r = chat(port, "local/reasoner")
+    assert r.status_code == 200 and "wintermute" in r.json()["choices"][0]["message"]["content"]
+
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", headers={"Authorization": f"Bearer {TOKEN}"},
+                   json={"model": "local/embed", "input": ["hello"]}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["embedding"]
+
+
+def test_fallback_chain_when_armitage_is_down(proxy: dict[str, Proc]) -> None:
+    proxy["armitage"].stop()
+    r = chat(proxy["proxy"].port, "local/chat")
+    assert r.status_code == 200, r.text
+    assert "wintermute" in r.json()["choices"][0]["message"]["content"]
