@@ -51,13 +51,27 @@ class Proc:
                 self.proc.wait()
 
 
-def start_fake(tmp: Path, name: str, served: str, extra: list[str] | None = None, env: dict[str, str] | None = None) -> Proc:
+def start_fake(
+    tmp: Path, name: str, served: str, extra: list[str] | None = None, env: dict[str, str] | None = None
+) -> Proc:
     port = free_port()
     log = tmp / f"fake-{name}.log"
     with log.open("wb") as fh:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, str(FAKE), "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port), *(extra or [])],
-            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "FAKE_NAME": name, **(env or {})},
+            [
+                sys.executable,
+                str(FAKE),
+                "--served-model-name",
+                served,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *(extra or []),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FAKE_NAME": name, **(env or {})},
         )
     assert wait_http(f"http://127.0.0.1:{port}/health", 10, proc), log.read_text()
     return Proc(proc, port, log)
@@ -77,10 +91,17 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         pytest.fail("redis-server not installed; run scripts/setup")
     port = free_port()
     d = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(d)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(d)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     end = time.monotonic() + 10
-    while time.monotonic() < end and subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False).stdout.strip() != b"PONG":
+    while (
+        time.monotonic() < end
+        and subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False).stdout.strip()
+        != b"PONG"
+    ):
         time.sleep(0.1)
     yield port
     proc.terminate()
@@ -97,8 +118,14 @@ def start_proxy(tmp: Path, config: Path, env: dict[str, str], gunicorn: bool = F
         if gunicorn:
             cmd += ["--run_gunicorn", "--num_workers", "1"]
         with log.open("wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **env}, cwd=tmp, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **env},
+                cwd=tmp,
+                start_new_session=True,
+            )
         p = Proc(proc, port, log)
         if wait_http(f"http://127.0.0.1:{port}/health/readiness", 90, proc):
             return p

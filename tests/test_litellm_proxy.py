@@ -30,9 +30,13 @@ def proxy(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_por
         "embed": start_fake(tmp_path, "embed", "BAAI/bge-base-en-v1.5"),
     }
     try:
-        edit(repo / "hosts/motoko.yaml", "  embed_base_url: http://motoko:8200/v1", f"""  embed_base_url: http://127.0.0.1:{procs['embed'].port}/v1
-  armitage_base_url: http://127.0.0.1:{procs['armitage'].port}/v1
-  wintermute_base_url: http://127.0.0.1:{procs['wintermute'].port}/v1""")
+        edit(
+            repo / "hosts/motoko.yaml",
+            "  embed_base_url: http://motoko:8200/v1",
+            f"""  embed_base_url: http://127.0.0.1:{procs["embed"].port}/v1
+  armitage_base_url: http://127.0.0.1:{procs["armitage"].port}/v1
+  wintermute_base_url: http://127.0.0.1:{procs["wintermute"].port}/v1""",
+        )
         monkeypatch.setenv(EnvSecrets.var("litellm_bearer_token"), TOKEN)
         monkeypatch.setenv(EnvSecrets.var("openai_api_key"), "sk-test-not-used")
         out = tmp_path / "rendered"
@@ -59,7 +63,13 @@ def test_rendered_config_serves_the_five_aliases(proxy: dict[str, Proc]) -> None
     port = proxy["proxy"].port
     r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert r.status_code == 200, r.text
-    assert {m["id"] for m in r.json()["data"]} >= {"local/chat", "local/reasoner", "local/embed", "openai/strong", "openai/cheap"}
+    assert {m["id"] for m in r.json()["data"]} >= {
+        "local/chat",
+        "local/reasoner",
+        "local/embed",
+        "openai/strong",
+        "openai/cheap",
+    }
     assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
     wrong = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-wrong"}, timeout=10)
     assert wrong.status_code in (400, 401, 403), wrong.text
@@ -72,8 +82,12 @@ def test_rendered_config_serves_the_five_aliases(proxy: dict[str, Proc]) -> None
     r = chat(port, "local/reasoner")
     assert r.status_code == 200 and "wintermute" in r.json()["choices"][0]["message"]["content"]
 
-    r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", headers={"Authorization": f"Bearer {TOKEN}"},
-                   json={"model": "local/embed", "input": ["hello"]}, timeout=30)
+    r = httpx.post(
+        f"http://127.0.0.1:{port}/v1/embeddings",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        json={"model": "local/embed", "input": ["hello"]},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["data"][0]["embedding"]
 
