@@ -49,6 +49,36 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--state-dir", type=Path, help="state directory (default $AGENT_STATE_DIR or /var/lib/llm-agent)")
     ap.add_argument("--retry", action="store_true", help="retry a quarantined desired state")
     ap.add_argument("--health-timeout", type=float, help="cap, in seconds, on waiting for a service to be healthy")
+
+    def state_dir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--state-dir", type=Path, help="state directory (default $AGENT_STATE_DIR or /var/lib/llm-agent)"
+        )
+
+    rn = sub.add_parser("run", help="the daemon (what agent.service starts)")
+    common(rn, host=True)
+    state_dir(rn)
+    rn.add_argument("--interval", type=float, help="seconds between passes (default 30)")
+    rn.add_argument("--splay", type=float, help="random extra delay, seconds (default 5)")
+    st = sub.add_parser("status", help="the local agent's state (exit 0 healthy, 1 degraded, 3 not running)")
+    state_dir(st)
+    st.add_argument("--json", action="store_true")
+    for name, text in (
+        ("trigger", "ask the running daemon to pull and reconcile now"),
+        ("resume", "apply changes again"),
+    ):
+        state_dir(sub.add_parser(name, help=text))
+    pa = sub.add_parser("pause", help="stop applying changes (persisted; shown in status)")
+    state_dir(pa)
+    pa.add_argument("--reason", required=True)
+    kg = sub.add_parser("keygen", help="create this host's age identity (0600) and print its public key")
+    kg.add_argument("--out", type=Path, default=Path("/etc/llm-agent/identity.txt"))
+    sc = sub.add_parser("secret", help="manage encrypted secrets in the desired-state repository")
+    scs = sc.add_subparsers(dest="secret_command", required=True, metavar="SUBCOMMAND")
+    enc = scs.add_parser("encrypt", help="encrypt a value (read from stdin) to secrets/NAME.age")
+    enc.add_argument("name")
+    enc.add_argument("--repo", help="desired-state repository (default ./desired_state)")
+    enc.add_argument("--recipients", type=Path, help="public keys, one per line (default secrets/recipients.txt)")
     return p
 
 
@@ -56,7 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-        handler = {"validate": cmd_validate, "render": cmd_render, "plan": cmd_plan, "apply": cmd_apply}[args.command]
+        handler = {
+            "validate": cmd_validate,
+            "render": cmd_render,
+            "plan": cmd_plan,
+            "apply": cmd_apply,
+            "run": cmd_run,
+            "status": cmd_status,
+            "trigger": cmd_trigger,
+            "pause": cmd_pause,
+            "resume": cmd_resume,
+            "keygen": cmd_keygen,
+            "secret": cmd_secret,
+        }[args.command]
         return handler(args, settings)
     except DesiredStateError as exc:
         _print_problems(exc.problems)
@@ -69,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("repo", "host", "project_prefix", "secrets_file", "identity_file", "state_dir")
+    keys = ("repo", "host", "project_prefix", "secrets_file", "identity_file", "state_dir", "interval", "splay")
     return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
@@ -188,6 +230,74 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"converged: host {result.host}, project {result.project}, commit {result.commit}")
     return 0 if result.result == "converged" else 1
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from agent import logs
+    from agent.daemon import Daemon
+
+    redactor = logs.configure(level=settings.log_level)
+    return Daemon(settings, redactor).run()
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.control import ControlClient, NotRunning
+    from agent.daemon import status_from_state
+    from agent.state import StateStore
+    from agent.status import exit_code, show
+
+    try:
+        status = ControlClient(settings.socket_path).get("/status").json()
+    except NotRunning as exc:
+        status = status_from_state(settings, StateStore(settings.state_dir).load())
+        status["not_running"] = str(exc)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        show(status)
+    return exit_code(status)
+
+
+def _control(settings: Settings, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    from agent.control import ControlClient
+
+    return ControlClient(settings.socket_path).post(route, body)
+
+
+def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
+    out = _control(settings, "/trigger")
+    print("triggered" + (f" ({out['note']})" if out.get("note") else ""))
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    _control(settings, "/pause", {"reason": args.reason})
+    print(f"paused: {args.reason}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    _control(settings, "/resume")
+    print("resumed")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.secrets import keygen
+
+    recipient = keygen(args.out)
+    print(f"identity written to {args.out} (mode 0600)")
+    print(f"public key (add it to secrets/recipients.txt): {recipient}")
+    return 0
+
+
+def cmd_secret(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.secrets import encrypt_secret
+
+    value = sys.stdin.read().rstrip("\n")
+    path = encrypt_secret(Path(settings.repo), args.name, value, args.recipients)
+    print(f"wrote {path}: commit and push it to deploy")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -270,7 +270,8 @@ def _problems(exc: ValidationError, doc: Document, prefix: tuple[str, ...]) -> l
             message = f"{dotted + ': ' if dotted else ''}{err['msg'].removeprefix('Value error, ')}"
         else:
             got = err.get("input")
-            shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            secretish = any(w in str(loc[-1] if loc else "").lower() for w in ("key", "token", "secret", "password"))
+            shown = f" (got {got!r})" if not isinstance(got, dict | list) and not secretish else ""
             message = f"'{dotted}': {err['msg'].lower()}{shown}"
         problems.append(Problem(doc.name, doc.line_of(*path), message))
     return problems

@@ -22,10 +22,12 @@ from agent.desired import load_desired
 from agent.engine import Engine, EngineError
 from agent.errors import AgentError, DesiredStateError
 from agent.executor import ApplyResult, Executor, with_reloads
+from agent.observed import Observed
 from agent.plan import Action, container_name, pending, plan
 from agent.render import RenderedStack, render_host
 from agent.secrets import SecretResolver
 from agent.settings import Settings
+from agent.stack import StackSpec
 from agent.state import Quarantined, Run, StateStore, now
 
 log = structlog.get_logger("agent.reconcile")
@@ -41,6 +43,13 @@ class PassResult:
     actions: list[Action] = field(default_factory=list)
     applied: ApplyResult | None = None
     run_id: str = field(default_factory=lambda: pysecrets.token_hex(4))
+    role: str = ""
+    #: service -> {container, state, health}, as last observed in this pass
+    services: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    #: on motoko: alias -> {backend, reason} in effect
+    routing: dict[str, dict[str, str]] = field(default_factory=dict)
+    started: float = 0.0
+    finished: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -50,7 +59,12 @@ class PassResult:
             "commit": self.commit,
             "result": self.result,
             "error": self.error,
+            "role": self.role,
+            "started": self.started,
+            "finished": self.finished,
             "actions": [a.as_dict() for a in self.actions],
+            "services": self.services,
+            "routing": self.routing,
         }
         if self.applied is not None:
             out["outcomes"] = [o.as_dict() for o in self.applied.outcomes]
@@ -99,24 +113,31 @@ def reconcile_once(
     retry_quarantined: bool = False,
     health_cap_s: float | None = None,
     say: Callable[[str], None] = lambda msg: None,
+    on_secret: Callable[[str], None] | None = None,
+    run_id: str | None = None,
 ) -> PassResult:
     repo = repo or Path(settings.repo)
     commit = commit or repo_commit(repo)
     result = PassResult(host=settings.host, commit=commit)
+    if run_id:
+        result.run_id = run_id
     store = StateStore(settings.state_dir)
-    started = now()
+    started = result.started = now()
     try:
         desired = load_desired(repo)
-        resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file)
+        resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file, on_secret)
         rendered = render_host(desired, settings.host, resolver, reveal=True, prefix=settings.project_prefix)
         stack = rendered.stack
         result.project = stack.project
+        result.role = rendered.role
+        result.routing = {a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()}
         policy = desired.roles[rendered.role].spec.on_config_change
         images = sorted({s.image for s in stack.services.values()})
         names = [container_name(stack, s) for s in stack.services]
         stack_dir = store.stack_dir(stack.project)
         observed = with_reloads(engine.observe(stack.project, images, names), stack_dir)
         result.actions = plan(stack, observed, policy)
+        result.services = _services(stack, observed)
         if not pending(result.actions):
             result.result = "converged"
         elif dry_run:
@@ -141,7 +162,9 @@ def reconcile_once(
             result.applied = executor.apply(stack, result.actions)
         if result.applied.ok:
             # Verify: observe again; converged means nothing is left to do.
-            after = plan(stack, with_reloads(engine.observe(stack.project, images, names), stack_dir), policy)
+            observed = with_reloads(engine.observe(stack.project, images, names), stack_dir)
+            result.services = _services(stack, observed)
+            after = plan(stack, observed, policy)
             if pending(after):
                 result.error = "did not converge: " + "; ".join(str(a) for a in after if a.kind != "noop")
             else:
@@ -159,7 +182,21 @@ def reconcile_once(
     return result
 
 
+def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str | None]]:
+    out: dict[str, dict[str, str | None]] = {}
+    for name in stack.services:
+        mine = [c for c in observed.containers if c.owned and c.project == stack.project and c.service == name]
+        c = next((c for c in mine if c.name == container_name(stack, name)), mine[0] if mine else None)
+        out[name] = {
+            "container": c.id[:12] if c else None,
+            "state": c.state if c else "missing",
+            "health": c.health if c else None,
+        }
+    return out
+
+
 def _record(store: StateStore, result: PassResult, started: float, applied_fp: str | None) -> None:
+    result.finished = now()
     try:
         state = store.load()
         if applied_fp is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -133,16 +134,25 @@ class SecretResolver:
     """Resolves references through the sources above; caches decrypted values in memory."""
 
     sources: list[SecretSource]
+    #: Called with every value resolved (the daemon feeds its log redactor with it).
+    on_resolve: Callable[[str], None] | None = None
     _cache: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def for_repo(cls, repo: Path, secrets_file: Path | None = None, identity: Path | None = None) -> SecretResolver:
+    def for_repo(
+        cls,
+        repo: Path,
+        secrets_file: Path | None = None,
+        identity: Path | None = None,
+        on_resolve: Callable[[str], None] | None = None,
+    ) -> SecretResolver:
         return cls(
             [
                 EnvSecrets(),
                 FileSecrets(secrets_file or Path("/etc/llm-agent/secrets.yaml")),
                 AgeSecrets(repo / "secrets", identity or Path("/etc/llm-agent/identity.txt")),
-            ]
+            ],
+            on_resolve,
         )
 
     def declared(self, name: str) -> bool:
@@ -160,9 +170,52 @@ class SecretResolver:
                 value = source.get(name)
                 if value is not None:
                     self._cache[name] = value
+                    if self.on_resolve is not None:
+                        self.on_resolve(value)
                     return value
         raise SecretError(f"secret '{name}' not found (looked in {self.where(name)})")
 
     def known_values(self) -> list[str]:
         """Values resolved so far: what must never leak into a non-secret file."""
         return list(self._cache.values())
+
+
+def keygen(path: Path) -> str:
+    """Create an age identity (mode 0600, refusing to overwrite one); returns its public key."""
+    import pyrage
+
+    if path.exists():
+        raise SecretError(f"{path} already exists; not overwriting an identity")
+    ident = pyrage.x25519.Identity.generate()
+    recipient = str(ident.to_public())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"# llm-agent host identity; public key: {recipient}\n{ident}\n")
+    return recipient
+
+
+def encrypt_secret(repo: Path, name: str, value: str, recipients_file: Path | None = None) -> Path:
+    """Encrypt ``value`` to every recipient of the repo; writes ``secrets/<name>.age``."""
+    import re
+
+    import pyrage
+
+    if not re.match(r"^[a-z0-9][a-z0-9_]*$", name):
+        raise SecretError(f"secret name '{name}' must be lowercase letters, digits and '_'")
+    if not value:
+        raise SecretError("empty value: pipe the secret on standard input")
+    rfile = recipients_file or repo / "secrets" / "recipients.txt"
+    if not rfile.is_file():
+        raise SecretError(f"{rfile}: no recipients file (one age public key per line)")
+    keys = [line.strip() for line in rfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        recipients = [pyrage.x25519.Recipient.from_str(k) for k in keys]
+    except pyrage.RecipientError:
+        raise SecretError(f"{rfile}: a line is not an age public key (age1...)") from None
+    if not recipients:
+        raise SecretError(f"{rfile}: no recipients")
+    out = repo / "secrets" / f"{name}.age"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(pyrage.encrypt(value.encode(), recipients))
+    return out

@@ -25,14 +25,27 @@ class Settings(BaseModel):
 
     #: This host's identity in the fleet (a file ``hosts/<host>.yaml``); like a Salt minion id.
     host: str = Field(default_factory=lambda: _hostname())  # noqa: PLW0108 (defined below)
-    #: Desired-state repository: a local path or a git URL. The shipped example by default.
+    #: Desired-state repository: a git URL (file://, ssh, https, or a repo's own directory),
+    #: or a plain directory read as it is (local runs). The shipped example by default.
     repo: str = "desired_state"
     branch: str = "main"
+    #: Where the desired state (fleet.yaml) sits inside the repository.
+    repo_subdir: str = ""
+    #: Refuse commits not signed by an allowed key (``git verify-commit``): ssh signatures are
+    #: checked against ``allowed_signers``, gpg ones against the keyring in ``gpg_home``.
+    require_signed_commits: bool = False
+    allowed_signers: Path | None = None
+    gpg_home: Path | None = None
     #: Where the agent keeps its state (applied commit, runs, quarantine) and stack files.
     state_dir: Path = Path("/var/lib/llm-agent")
     #: Seconds between reconcile passes; a random splay of up to ``splay`` s is added.
     interval: float = Field(30.0, gt=0)
     splay: float = Field(5.0, ge=0)
+    #: Cap, in seconds, on waiting for one service to become healthy during a pass.
+    health_timeout: float | None = Field(None, gt=0)
+    #: A pass running longer than this stops feeding the systemd watchdog (the agent restarts).
+    pass_timeout: float = Field(1800.0, gt=0)
+    log_level: str = "info"
     #: The fleet API on motoko that node agents report to.
     motoko_url: str | None = None
     #: Prefix of compose projects and container names, so several agents share one engine.
@@ -40,6 +53,11 @@ class Settings(BaseModel):
     #: Host-local secrets (name: value, mode 0600) and the age identity for ``secrets/*.age``.
     secrets_file: Path = Path("/etc/llm-agent/secrets.yaml")
     identity_file: Path = Path("/etc/llm-agent/identity.txt")
+
+    @property
+    def socket_path(self) -> Path:
+        """The daemon's local control API (owner-only Unix socket)."""
+        return self.state_dir / "agent.sock"
 
 
 def _hostname() -> str:

@@ -1,0 +1,394 @@
+"""The agent daemon (``agent run``): pull, reconcile, report, forever.
+
+Root tasks, one shutdown rule (SIGTERM/SIGINT set the stop event; everything winds down from
+there):
+
+- the reconcile job (APScheduler): every ``interval`` seconds plus a random splay, one pass at a
+  time, coalesced; ``agent trigger`` (or SIGHUP) asks for a pass now;
+- the heartbeat job: feeds the systemd watchdog, unless a pass has run past ``pass_timeout``
+  (then systemd restarts a hung agent);
+- the control API (``agent.control``) on the owner-only socket.
+
+A pass fetches the desired-state repository (a force-push is followed), takes a snapshot of
+the exact commit, and reconciles it (``agent.reconcile``). An unreachable remote keeps the host
+on its last good commit (still healing drift) and is reported; a bad commit is reported with
+its ``file:line`` and not applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets as pysecrets
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from agent.control import ControlServer
+from agent.engine import Engine, EngineError
+from agent.errors import AgentError
+from agent.logs import Redactor
+from agent.notify import Notifier
+from agent.plan import MUTATING
+from agent.reconcile import PassResult, reconcile_once, repo_commit
+from agent.settings import Settings
+from agent.state import Pause, StateStore, now
+
+log = structlog.get_logger("agent.daemon")
+
+
+class Source(Protocol):
+    """Where the desired state comes from: ``(commit, directory)`` for this pass."""
+
+    description: str
+
+    def current(self, last_good: str | None) -> tuple[str, Path, str | None]: ...
+
+
+class DirectorySource:
+    """A plain directory, read as it is (local runs, the shipped example)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = str(path)
+
+    def current(self, last_good: str | None) -> tuple[str, Path, str | None]:
+        return repo_commit(self.path), self.path, None
+
+
+class GitDesiredSource:
+    """A git remote: forced fetch of the branch, snapshot of the exact commit."""
+
+    def __init__(self, settings: Settings) -> None:
+        from agent.gitsource import GitSource
+
+        self.git = GitSource(
+            settings.repo,
+            settings.branch,
+            settings.state_dir / "git",
+            subdir=settings.repo_subdir,
+            require_signed=settings.require_signed_commits,
+            allowed_signers=settings.allowed_signers,
+            gpg_home=settings.gpg_home,
+        )
+        self.description = f"{_redact_url(settings.repo)}#{settings.branch}"
+
+    def current(self, last_good: str | None) -> tuple[str, Path, str | None]:
+        """The commit to reconcile, its snapshot, and a source problem to report (if any)."""
+        from agent.gitsource import SourceError
+
+        try:
+            sha = self.git.fetch()
+        except SourceError as exc:
+            if last_good is None:
+                raise
+            # The remote is unreachable: stay on (and keep healing) the last good commit.
+            return last_good, self.git.snapshot(last_good).path, str(exc)
+        snap = self.git.snapshot(sha)  # UnsignedCommit propagates: that commit is refused
+        if last_good:
+            self.git.prune({sha, last_good})
+        return sha, snap.path, None
+
+
+def _redact_url(url: str) -> str:
+    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+class Daemon:
+    def __init__(self, settings: Settings, redactor: Redactor | None = None, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.store = StateStore(settings.state_dir)
+        self.redactor = redactor or Redactor()
+        self.notifier = notifier or Notifier()
+        self.stop_event = threading.Event()
+        self._pass_lock = threading.Lock()
+        self._again = threading.Event()
+        self._pass_started: float | None = None
+        self._engine: Engine | None = None
+        self.source: Source = (
+            GitDesiredSource(settings) if _is_git(settings.repo) else DirectorySource(Path(settings.repo))
+        )
+        self.last: PassResult | None = None
+        self.source_error: str | None = None
+        self.desired_commit: str | None = None
+        self.metrics_data: dict[str, float] = {
+            "runs_converged": 0,
+            "runs_failed": 0,
+            "last_success": 0.0,
+            "drift_corrections": 0,
+            "apply_seconds_sum": 0.0,
+            "apply_seconds_count": 0,
+            "last_apply_seconds": 0.0,
+        }
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        with instance_lock(self.settings.state_dir):
+            server = ControlServer(self.settings.socket_path, self)
+            server.start()
+            self.scheduler.add_job(
+                self.reconcile_job,
+                IntervalTrigger(seconds=self.settings.interval, jitter=self.settings.splay),
+                id="reconcile",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now(UTC),
+            )
+            beat = self.notifier.watchdog_interval_s or 5.0
+            self.scheduler.add_job(
+                self.heartbeat, IntervalTrigger(seconds=beat), id="heartbeat", max_instances=1, coalesce=True
+            )
+            self.scheduler.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGHUP, lambda *_: self.trigger())
+            self.notifier.ready(f"watching {self.source.description} for host {self.settings.host}")
+            log.info("agent started", host=self.settings.host, repo=self.source.description, pid=os.getpid())
+            try:
+                while not self.stop_event.wait(1.0):
+                    pass
+            finally:
+                log.info("agent stopping")
+                self.notifier.stopping()
+                self.scheduler.shutdown(wait=True)
+                server.close()
+                if self._engine is not None:
+                    self._engine.close()
+        return 0
+
+    def heartbeat(self) -> None:
+        started = self._pass_started
+        if started is not None and time.monotonic() - started > self.settings.pass_timeout:
+            log.error("pass running too long; not feeding the watchdog", seconds=round(time.monotonic() - started))
+            return
+        self.notifier.watchdog()
+
+    # ------------------------------------------------------------------ passes
+
+    def reconcile_job(self) -> None:
+        if not self._pass_lock.acquire(blocking=False):
+            self._again.set()  # a pass is running: run once more right after it
+            return
+        try:
+            while True:
+                self._again.clear()
+                self.one_pass()
+                if not self._again.is_set() or self.stop_event.is_set():
+                    break
+        finally:
+            self._pass_lock.release()
+
+    def one_pass(self) -> PassResult | None:
+        run_id = pysecrets.token_hex(4)
+        structlog.contextvars.bind_contextvars(run_id=run_id)
+        self._pass_started = time.monotonic()
+        try:
+            state = self.store.load()
+            if state.paused is not None:
+                self.notifier.status(f"paused: {state.paused.reason}")
+                log.info("paused; not applying", reason=state.paused.reason)
+                return None
+            last_good = state.applied_commit
+            try:
+                commit, path, self.source_error = self.source.current(last_good)
+            except AgentError as exc:
+                self.source_error = str(exc)
+                self.last = PassResult(host=self.settings.host, error=self.redactor.scrub(str(exc)), run_id=run_id)
+                self.last.started = self.last.finished = now()
+                self._count(self.last)
+                log.error("desired state unavailable", error=str(exc))
+                self.notifier.status(f"source error: {exc}")
+                return self.last
+            self.desired_commit = commit
+            if self.source_error:
+                log.warning(
+                    "remote unreachable; staying on the last good commit", error=self.source_error, commit=commit
+                )
+            try:
+                engine = self._engine or Engine()
+                self._engine = engine
+            except EngineError as exc:
+                self.last = PassResult(host=self.settings.host, commit=commit, error=str(exc), run_id=run_id)
+                self._count(self.last)
+                log.error("docker engine unavailable", error=str(exc))
+                return self.last
+            t0 = time.monotonic()
+            result = reconcile_once(
+                self.settings,
+                engine,
+                repo=path,
+                commit=commit,
+                health_cap_s=self.settings.health_timeout,
+                say=log.info,
+                on_secret=self.redactor.add,
+                run_id=run_id,
+            )
+            if result.error:
+                result.error = self.redactor.scrub(result.error)
+            mutated = [a for a in result.actions if a.kind in MUTATING]
+            if mutated:
+                self.metrics_data["apply_seconds_sum"] += time.monotonic() - t0
+                self.metrics_data["apply_seconds_count"] += 1
+                self.metrics_data["last_apply_seconds"] = time.monotonic() - t0
+                if commit == last_good:
+                    self.metrics_data["drift_corrections"] += len(mutated)
+            if isinstance(engine, Engine) and result.error and "not reachable" in result.error:
+                engine.close()
+                self._engine = None
+            self.last = result
+            self._count(result)
+            short = commit[:12]
+            if result.error:
+                log.error("pass failed", commit=short, error=result.error)
+                self.notifier.status(f"failed at {short}: {result.error.splitlines()[0][:200]}")
+            else:
+                log.info("pass done", commit=short, result=result.result, changes=len(mutated))
+                self.notifier.status(f"converged at {short}" + (" (remote unreachable)" if self.source_error else ""))
+            return result
+        finally:
+            self._pass_started = None
+            structlog.contextvars.unbind_contextvars("run_id")
+
+    def _count(self, result: PassResult) -> None:
+        if result.result == "converged":
+            self.metrics_data["runs_converged"] += 1
+            self.metrics_data["last_success"] = time.time()
+        else:
+            self.metrics_data["runs_failed"] += 1
+
+    # ------------------------------------------------------------------ control API
+
+    def trigger(self) -> dict[str, Any]:
+        if self._pass_lock.locked():
+            self._again.set()
+            return {"triggered": True, "note": "a pass is running; another follows it"}
+        self.scheduler.add_job(self.reconcile_job, id="trigger", replace_existing=True, max_instances=1)
+        return {"triggered": True}
+
+    def pause(self, reason: str) -> dict[str, Any]:
+        state = self.store.load()
+        state.paused = Pause(reason=reason, at=now())
+        self.store.save(state)
+        log.info("paused", reason=reason)
+        return {"paused": True, "reason": reason}
+
+    def resume(self) -> dict[str, Any]:
+        state = self.store.load()
+        state.paused = None
+        self.store.save(state)
+        log.info("resumed")
+        self.trigger()
+        return {"paused": False}
+
+    def status(self) -> dict[str, Any]:
+        state = self.store.load()
+        out = status_from_state(self.settings, state)
+        out.update(running=True, pid=os.getpid(), source={"repo": self.source.description, "error": self.source_error})
+        out["desired_commit"] = self.desired_commit
+        if self.last is not None:
+            out["last_run"] = {
+                "run_id": self.last.run_id,
+                "time": self.last.finished,
+                "result": self.last.result,
+                "commit": self.last.commit,
+                "error": self.last.error,
+                "actions": [a.as_dict() for a in self.last.actions if a.kind != "noop"],
+            }
+            out["role"] = self.last.role or out.get("role")
+            out["services"] = self.last.services
+            if self.last.role == "motoko":
+                out["routing"] = self.last.routing
+                out["fleet"] = {}
+        return out
+
+    def metrics(self) -> str:
+        m = self.metrics_data
+        lines = [
+            "# HELP llm_agent_runs_total Reconcile passes by result.",
+            "# TYPE llm_agent_runs_total counter",
+            f'llm_agent_runs_total{{result="converged"}} {m["runs_converged"]:.0f}',
+            f'llm_agent_runs_total{{result="failed"}} {m["runs_failed"]:.0f}',
+            "# HELP llm_agent_run_failures_total Reconcile passes that failed.",
+            "# TYPE llm_agent_run_failures_total counter",
+            f"llm_agent_run_failures_total {m['runs_failed']:.0f}",
+            "# HELP llm_agent_last_success_timestamp_seconds When the last pass converged.",
+            "# TYPE llm_agent_last_success_timestamp_seconds gauge",
+            f"llm_agent_last_success_timestamp_seconds {m['last_success']:.3f}",
+            "# HELP llm_agent_drift_corrections_total Changes made to undo drift (desired state unchanged).",
+            "# TYPE llm_agent_drift_corrections_total counter",
+            f"llm_agent_drift_corrections_total {m['drift_corrections']:.0f}",
+            "# HELP llm_agent_apply_duration_seconds Time spent in passes that changed something.",
+            "# TYPE llm_agent_apply_duration_seconds summary",
+            f"llm_agent_apply_duration_seconds_sum {m['apply_seconds_sum']:.3f}",
+            f"llm_agent_apply_duration_seconds_count {m['apply_seconds_count']:.0f}",
+            "# HELP llm_agent_paused Whether applying is paused.",
+            "# TYPE llm_agent_paused gauge",
+            f"llm_agent_paused {1 if self.store.load().paused else 0}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def status_from_state(settings: Settings, state: Any) -> dict[str, Any]:
+    """What can be said from the state file alone (also when the daemon is not running)."""
+    last = state.runs[-1] if state.runs else None
+    return {
+        "host": settings.host,
+        "role": None,
+        "running": False,
+        "applied_commit": state.applied_commit,
+        "last_run": (
+            {
+                "run_id": last.id,
+                "time": last.finished,
+                "result": last.result,
+                "commit": last.commit,
+                "error": last.error,
+            }
+            if last
+            else None
+        ),
+        "paused": {"reason": state.paused.reason, "at": state.paused.at} if state.paused else None,
+        "quarantined": {fp: q.model_dump() for fp, q in state.quarantine.items()},
+        "services": {},
+    }
+
+
+def _is_git(repo: str) -> bool:
+    from agent.gitsource import GitSource
+
+    return GitSource.is_git_url(repo)
+
+
+@contextlib.contextmanager
+def instance_lock(state_dir: Path) -> Any:
+    """One daemon per host: an exclusive lock held for the process's life."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "agent.lock"
+    fh = open(path, "a+")  # noqa: SIM115 - held for the daemon's whole life
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            pid = fh.read().strip() or "?"
+            raise AgentError(f"another agent is already running on this host (pid {pid}; lock {path})") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
