@@ -120,6 +120,7 @@ class Daemon:
             GitDesiredSource(settings) if _is_git(settings.repo) else DirectorySource(Path(settings.repo))
         )
         self.last: PassResult | None = None
+        self.services: dict[str, Any] = {}  # as last observed (a failed pass may observe nothing)
         self.source_error: str | None = None
         self.desired_commit: str | None = None
         self.metrics_data: dict[str, float] = {
@@ -249,6 +250,8 @@ class Daemon:
                 engine.close()
                 self._engine = None
             self.last = result
+            if result.services:
+                self.services = result.services
             self._count(result)
             short = commit[:12]
             if result.error:
@@ -308,7 +311,7 @@ class Daemon:
                 "actions": [a.as_dict() for a in self.last.actions if a.kind != "noop"],
             }
             out["role"] = self.last.role or out.get("role")
-            out["services"] = self.last.services
+            out["services"] = self.services
             if self.last.role == "motoko":
                 out["routing"] = self.last.routing
                 out["fleet"] = {}

@@ -22,6 +22,7 @@ from agent.desired import load_desired
 from agent.engine import Engine, EngineError
 from agent.errors import AgentError, DesiredStateError
 from agent.executor import ApplyResult, Executor, with_reloads
+from agent.lint import lint_fleet, lint_stack
 from agent.observed import Observed
 from agent.plan import Action, container_name, pending, plan
 from agent.render import RenderedStack, render_host
@@ -127,6 +128,10 @@ def reconcile_once(
         desired = load_desired(repo)
         resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file, on_secret)
         rendered = render_host(desired, settings.host, resolver, reveal=True, prefix=settings.project_prefix)
+        # What LiteLLM would silently accept (or die on at SIGHUP) never reaches the host.
+        errors = [p for p in lint_fleet(desired) + lint_stack(desired, rendered) if p.severity == "error"]
+        if errors:
+            raise DesiredStateError(errors)
         stack = rendered.stack
         result.project = stack.project
         result.role = rendered.role

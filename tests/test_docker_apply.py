@@ -163,6 +163,16 @@ def test_drift_is_healed_and_unowned_containers_are_left_alone(
         docker("rm", "-f", squatter, check=False)
 
 
+def test_lint_error_stops_the_pass(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config LiteLLM would accept (allowed_fails) or die on at SIGHUP never reaches motoko."""
+    fleet.edit(
+        "hosts/motoko.yaml", "litellm_port:", "litellm_router_settings_extra: {allowed_fails: 3}\n  litellm_port:"
+    )
+    code, out = fleet.apply("motoko", capsys)
+    assert code == 1 and "allowed_fails must not be set" in out["error"]
+    assert fleet.containers("motoko") == []
+
+
 def test_unowned_container_holding_our_name_is_a_conflict(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
     name = f"{fleet.prefix}armitage-vllm-1"
     docker("run", "-d", "--name", name, "llm-agent-test/busybox:1")
