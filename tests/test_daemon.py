@@ -214,19 +214,21 @@ def test_bad_commits_are_refused_and_the_stack_keeps_running(rig: Rig) -> None:
     def schema_error(work: Path) -> None:
         (work / "hosts" / "armitage.yaml").write_text(gpu_host(rig.port) + "  max_model_lenght: 4096\n")
 
-    def missing_secret(work: Path) -> None:
+    def template_error(work: Path) -> None:
+        # The fleet carries its own roles; one template references an undefined variable.
         rig.set_armitage()(work)
-        (work / "hosts" / "motoko.yaml").write_text(
-            (work / "hosts" / "motoko.yaml").read_text().replace("{secret: openai_api_key}", "{secret: nope}")
-        )
+        shutil.copytree(ROOT / "roles", work / "roles", dirs_exist_ok=True)
+        compose = work / "roles" / "gpu_node" / "templates" / "compose.yaml.j2"
+        compose.write_text(compose.read_text().replace("{{ model_hf_id | tojson }}", "{{ model_id | tojson }}"))
 
     cases = [
         (yaml_error, True, "hosts/armitage.yaml:15: YAML syntax error"),
         (schema_error, True, "hosts/armitage.yaml:14: unknown key 'max_model_lenght'"),
+        (template_error, True, "roles/gpu_node/templates/compose.yaml.j2:8: template error: 'model_id' is undefined"),
         (rig.set_armitage("  max_model_len: 2048\n"), False, "no signature"),
     ]
     for edit, signed, expected in cases:
-        sha = rig.commit(f"bad: {expected}", signed=signed, edit=edit)
+        rig.commit(f"bad: {expected}", signed=signed, edit=edit)
         rig.agent("trigger")
         status = rig.wait(lambda s, e=expected: e in json.dumps(s), 10, expected)
         assert status["services"]["vllm"]["state"] == "running"  # last observed, still shown
@@ -234,12 +236,11 @@ def test_bad_commits_are_refused_and_the_stack_keeps_running(rig: Rig) -> None:
         assert rig.agent("status").returncode == 1
         assert rig.containers() == [before]
         git(rig.work, "reset", "-q", "--hard", good)
-    # Missing secret: motoko is not this host, so armitage still renders: the lint is fleet-wide
-    # in `validate`; here the good commit after the bad ones applies.
+        git(rig.work, "clean", "-qfd")
+    # The next good commit applies.
     fixed = rig.commit("fixed", edit=rig.set_armitage("  max_model_len: 4096\n"))
     rig.agent("trigger")
     rig.wait(applied(fixed), 12, "good commit after bad ones")
-    del missing_secret
 
 
 def test_unreachable_remote_pause_second_instance_and_kill_9(rig: Rig) -> None:

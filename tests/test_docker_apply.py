@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,16 @@ def test_lint_error_stops_the_pass(fleet: Fleet, capsys: pytest.CaptureFixture[s
     )
     code, out = fleet.apply("motoko", capsys)
     assert code == 1 and "allowed_fails must not be set" in out["error"]
+    assert fleet.containers("motoko") == []
+
+
+def test_missing_secret_stops_the_pass(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet.edit("hosts/motoko.yaml", "{secret: openai_api_key}", "{secret: openai_key_typo}")
+    code, out = fleet.apply("motoko", capsys)
+    assert code == 1
+    assert re.search(
+        r"hosts/motoko.yaml:\d+: secret 'openai_key_typo' \(for 'openai_api_key'\) not found", out["error"]
+    )
     assert fleet.containers("motoko") == []
 
 
