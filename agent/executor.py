@@ -15,6 +15,7 @@ The only place that changes anything. Order and safety rules:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import secrets as pysecrets
@@ -137,7 +138,15 @@ class Executor:
                 todo = [s for s in wave if s in by_service]
                 with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, max(1, len(todo)))) as pool:
                     futures = {
-                        s: pool.submit(self._service, stack, s, by_service[s], image_ids[stack.services[s].image])
+                        # Each worker runs in a copy of this context: log lines keep the pass's run id.
+                        s: pool.submit(
+                            contextvars.copy_context().run,
+                            self._service,
+                            stack,
+                            s,
+                            by_service[s],
+                            image_ids[stack.services[s].image],
+                        )
                         for s in todo
                     }
                 failed = False

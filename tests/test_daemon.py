@@ -205,6 +205,19 @@ def test_push_is_applied_and_trigger_is_fast(rig: Rig) -> None:
     assert len(rig.containers()) == 1
     print(f"trigger to applied: {triggered:.2f}s")
 
+    # JSON logs (not a terminal), a run id on every line of a pass.
+    lines = [json.loads(line) for line in rig.log().splitlines() if line.startswith("{")]
+    in_pass = [x for x in lines if x["event"] not in ("agent started", "agent stopping")]
+    assert in_pass and all(x.get("run_id") for x in in_pass), [x for x in in_pass if not x.get("run_id")]
+    assert any(x["event"] == "vllm: replacing (changed: command)" for x in lines)
+
+    # Prometheus metrics on the control API.
+    from agent.control import ControlClient
+
+    metrics = ControlClient(rig.tmp / "state" / "agent.sock").get("/metrics").text
+    assert 'llm_agent_runs_total{result="converged"}' in metrics
+    assert "llm_agent_last_success_timestamp_seconds" in metrics and "llm_agent_apply_duration_seconds_count" in metrics
+
 
 def test_bad_commits_are_refused_and_the_stack_keeps_running(rig: Rig) -> None:
     good = rig.commit("good", edit=rig.set_armitage())
