@@ -7,10 +7,12 @@ Exit codes: 0 ok; 1 invalid/failed; 2 changes pending (``plan``); 3 agent not ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, host: bool) -> None:
-        sp.add_argument("--repo", help="desired-state repository (path); default $AGENT_REPO or ./desired_state")
+        sp.add_argument(
+            "--repo", help="desired-state repository: a path or a git URL; default $AGENT_REPO or ./desired_state"
+        )
+        sp.add_argument("--branch", help="branch of a git repository (default main)")
         if host:
             sp.add_argument("--host", help="host to act for; default $AGENT_HOST or this machine's hostname")
         sp.add_argument("--prefix", dest="project_prefix", help="compose project / container name prefix")
@@ -111,14 +116,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("repo", "host", "project_prefix", "secrets_file", "identity_file", "state_dir", "interval", "splay")
+    keys = (
+        "repo",
+        "branch",
+        "host",
+        "project_prefix",
+        "secrets_file",
+        "identity_file",
+        "state_dir",
+        "interval",
+        "splay",
+    )
     return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
 
 
-def _resolver(settings: Settings) -> Any:
+def _resolver(settings: Settings, repo: Path) -> Any:
     from agent.secrets import SecretResolver
 
-    return SecretResolver.for_repo(Path(settings.repo), settings.secrets_file, settings.identity_file)
+    return SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file)
+
+
+@contextlib.contextmanager
+def _checkout(settings: Settings) -> Iterator[tuple[Path, str | None]]:
+    """The desired-state tree to act on: the directory itself, or, for a git URL, a snapshot
+    of the branch head (fetched into a throwaway cache; signatures checked if required)."""
+    from agent.gitsource import GitSource
+
+    if not GitSource.is_git_url(settings.repo):
+        yield Path(settings.repo), None
+        return
+    with tempfile.TemporaryDirectory(prefix="llm-agent-") as tmp:
+        source = GitSource(
+            settings.repo,
+            settings.branch,
+            Path(tmp),
+            subdir=settings.repo_subdir,
+            require_signed=settings.require_signed_commits,
+            allowed_signers=settings.allowed_signers,
+            gpg_home=settings.gpg_home,
+        )
+        snap = source.snapshot(source.fetch())
+        yield snap.path, snap.commit
 
 
 def _print_problems(problems: list[Problem], stream: Any = None) -> None:
@@ -130,7 +168,8 @@ def _print_problems(problems: list[Problem], stream: Any = None) -> None:
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from agent.lint import validate_all
 
-    desired, problems = validate_all(Path(settings.repo), _resolver(settings), settings.project_prefix)
+    with _checkout(settings) as (repo, _commit):
+        desired, problems = validate_all(repo, _resolver(settings, repo), settings.project_prefix)
     errors = [p for p in problems if p.severity == "error"]
     if args.json:
         print(
@@ -159,10 +198,15 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     from agent.desired import load_desired
     from agent.render import render_host
 
-    desired = load_desired(Path(settings.repo))
-    rendered = render_host(
-        desired, settings.host, _resolver(settings), reveal=args.reveal_secrets, prefix=settings.project_prefix
-    )
+    with _checkout(settings) as (repo, _commit):
+        desired = load_desired(repo)
+        rendered = render_host(
+            desired,
+            settings.host,
+            _resolver(settings, repo),
+            reveal=args.reveal_secrets,
+            prefix=settings.project_prefix,
+        )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     written = [_write(out / "compose.yaml", rendered.compose, 0o644)]
@@ -190,8 +234,8 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from agent.engine import Engine
     from agent.reconcile import reconcile_once
 
-    with Engine() as engine:
-        result = reconcile_once(settings, engine, dry_run=True)
+    with Engine() as engine, _checkout(settings) as (repo, commit):
+        result = reconcile_once(settings, engine, repo=repo, commit=commit, dry_run=True)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -213,9 +257,15 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(f"  .. {message}", flush=True)
 
-    with Engine() as engine:
+    with Engine() as engine, _checkout(settings) as (repo, commit):
         result = reconcile_once(
-            settings, engine, retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say
+            settings,
+            engine,
+            repo=repo,
+            commit=commit,
+            retry_quarantined=args.retry,
+            health_cap_s=args.health_timeout,
+            say=say,
         )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))

@@ -13,7 +13,7 @@ import pytest
 from agent.cli import main
 
 
-def validate(repo: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+def validate(repo: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     code = main(["validate", "--repo", str(repo)])
     out, err = capsys.readouterr()
     return code, out + err
@@ -198,3 +198,28 @@ def test_every_problem_is_reported_at_once(repo: Path, capsys: pytest.CaptureFix
 def test_missing_repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = validate(tmp_path / "nope", capsys)
     assert code == 1 and "desired-state directory not found" in out
+
+
+def test_validate_a_git_url(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    bare = tmp_path / "remote.git"
+
+    def git(*args: str) -> None:
+        subprocess.run(
+            ["git", "-c", "user.name=op", "-c", "user.email=op@x", *args], cwd=repo, check=True, capture_output=True
+        )
+
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    git("init", "-q", "-b", "main")
+    git("add", "-A")
+    git("commit", "-q", "-m", "fleet")
+    git("push", "-q", str(bare), "HEAD:main")
+    code, out = validate(bare.as_uri(), capsys)
+    assert code == 0, out
+    edit(repo / "fleet.yaml", "openai_cheap_model:", "openai_cheep_model:")
+    git("commit", "-q", "-am", "typo")
+    git("push", "-q", str(bare), "HEAD:main")
+    code, out = validate(bare.as_uri(), capsys)
+    assert code == 1 and "fleet.yaml:7: unknown key 'openai_cheep_model'" in out
