@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--state-dir", type=Path, help="state directory (default $AGENT_STATE_DIR or /var/lib/llm-agent)")
     ap.add_argument("--retry", action="store_true", help="retry a quarantined desired state")
+    ap.add_argument("--force", action="store_true", help="apply even while the agent is paused")
     ap.add_argument("--health-timeout", type=float, help="cap, in seconds, on waiting for a service to be healthy")
 
     def state_dir(sp: argparse.ArgumentParser) -> None:
@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run":
+        from agent import logs
+
+        logs.configure(stream=sys.stderr, level="warning")  # stdout stays clean for --json
     try:
         settings = _settings(args)
         handler = {
@@ -220,13 +224,9 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _write(path: Path, content: str, mode: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(content)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    from agent.fsutil import write_atomic
+
+    write_atomic(path, content.encode(), mode)
     return path
 
 
@@ -252,6 +252,12 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
     from agent.engine import Engine
     from agent.reconcile import reconcile_once
+    from agent.state import StateStore
+
+    paused = StateStore(settings.state_dir).load().paused
+    if paused and not args.force:
+        print(f"error: the agent is paused ({paused.reason}); `agent resume`, or apply --force", file=sys.stderr)
+        return 1
 
     def say(message: str) -> None:
         if not args.json:
@@ -321,14 +327,29 @@ def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
-    _control(settings, "/pause", {"reason": args.reason})
-    print(f"paused: {args.reason}")
-    return 0
+    return _set_pause(settings, args.reason)
 
 
 def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
-    _control(settings, "/resume")
-    print("resumed")
+    return _set_pause(settings, None)
+
+
+def _set_pause(settings: Settings, reason: str | None) -> int:
+    """Through the daemon when it runs (a resume then triggers a pass), else in the state file."""
+    from agent.control import NotRunning
+    from agent.daemon import set_pause
+    from agent.state import StateStore
+
+    if reason is not None and not reason.strip():
+        print("error: a reason is required", file=sys.stderr)
+        return 1
+    try:
+        _control(settings, "/pause" if reason else "/resume", {"reason": reason} if reason else None)
+        note = ""
+    except NotRunning:
+        set_pause(StateStore(settings.state_dir), reason)
+        note = " (agent not running; recorded for its next start)"
+    print((f"paused: {reason}" if reason else "resumed") + note)
     return 0
 
 

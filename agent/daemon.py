@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets as pysecrets
 import signal
 import threading
@@ -40,9 +41,10 @@ from agent.notify import Notifier
 from agent.plan import MUTATING
 from agent.reconcile import PassResult, reconcile_once, repo_commit
 from agent.settings import Settings
-from agent.state import Pause, StateStore, now
+from agent.state import AgentState, Pause, StateStore, now
 
 log = structlog.get_logger("agent.daemon")
+SHA = re.compile(r"[0-9a-f]{40}")
 
 
 class Source(Protocol):
@@ -68,7 +70,7 @@ class GitDesiredSource:
     """A git remote: forced fetch of the branch, snapshot of the exact commit."""
 
     def __init__(self, settings: Settings) -> None:
-        from agent.gitsource import GitSource
+        from agent.gitsource import GitSource, redact
 
         self.git = GitSource(
             settings.repo,
@@ -79,7 +81,7 @@ class GitDesiredSource:
             allowed_signers=settings.allowed_signers,
             gpg_home=settings.gpg_home,
         )
-        self.description = f"{_redact_url(settings.repo)}#{settings.branch}"
+        self.description = f"{redact(settings.repo)}#{settings.branch}"
 
     def current(self, last_good: str | None) -> tuple[str, Path, str | None]:
         """The commit to reconcile, its snapshot, and a source problem to report (if any)."""
@@ -96,13 +98,6 @@ class GitDesiredSource:
         if last_good:
             self.git.prune({sha, last_good})
         return sha, snap.path, None
-
-
-def _redact_url(url: str) -> str:
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 class Daemon:
@@ -130,7 +125,6 @@ class Daemon:
             "drift_corrections": 0,
             "apply_seconds_sum": 0.0,
             "apply_seconds_count": 0,
-            "last_apply_seconds": 0.0,
         }
         self.scheduler = BackgroundScheduler(timezone=UTC)
 
@@ -180,90 +174,101 @@ class Daemon:
     # ------------------------------------------------------------------ passes
 
     def reconcile_job(self) -> None:
-        if not self._pass_lock.acquire(blocking=False):
-            self._again.set()  # a pass is running: run once more right after it
-            return
-        try:
-            while True:
+        while True:
+            if not self._pass_lock.acquire(blocking=False):
+                self._again.set()  # a pass is running: it runs once more right after
+                return
+            try:
                 self._again.clear()
                 self.one_pass()
-                if not self._again.is_set() or self.stop_event.is_set():
-                    break
-        finally:
-            self._pass_lock.release()
+            finally:
+                self._pass_lock.release()
+            # A trigger that arrived during the pass (even just as it ended) gets its pass.
+            if not self._again.is_set() or self.stop_event.is_set():
+                return
 
     def one_pass(self) -> PassResult | None:
         run_id = pysecrets.token_hex(4)
         structlog.contextvars.bind_contextvars(run_id=run_id)
         self._pass_started = time.monotonic()
         try:
-            state = self.store.load()
-            if state.paused is not None:
-                self.notifier.status(f"paused: {state.paused.reason}")
-                log.info("paused; not applying", reason=state.paused.reason)
-                return None
-            last_good = state.applied_commit
-            try:
-                commit, path, self.source_error = self.source.current(last_good)
-            except AgentError as exc:
-                self.source_error = str(exc)
-                self.last = PassResult(host=self.settings.host, error=self.redactor.scrub(str(exc)), run_id=run_id)
-                self.last.started = self.last.finished = now()
-                self._count(self.last)
-                log.error("desired state unavailable", error=str(exc))
-                self.notifier.status(f"source error: {exc}")
-                return self.last
-            self.desired_commit = commit
-            if self.source_error:
-                log.warning(
-                    "remote unreachable; staying on the last good commit", error=self.source_error, commit=commit
-                )
-            try:
-                engine = self._engine or Engine()
-                self._engine = engine
-            except EngineError as exc:
-                self.last = PassResult(host=self.settings.host, commit=commit, error=str(exc), run_id=run_id)
-                self._count(self.last)
-                log.error("docker engine unavailable", error=str(exc))
-                return self.last
-            t0 = time.monotonic()
-            result = reconcile_once(
-                self.settings,
-                engine,
-                repo=path,
-                commit=commit,
-                health_cap_s=self.settings.health_timeout,
-                say=log.info,
-                on_secret=self.redactor.add,
-                run_id=run_id,
+            return self._one_pass(run_id)
+        except Exception as exc:  # a bug must not kill the scheduler: record it, redacted
+            log.exception("pass crashed")
+            self.last = PassResult(
+                host=self.settings.host, error=self.redactor.scrub(f"internal error: {exc!r}"), run_id=run_id
             )
-            if result.error:
-                result.error = self.redactor.scrub(result.error)
-            mutated = [a for a in result.actions if a.kind in MUTATING]
-            if mutated:
-                self.metrics_data["apply_seconds_sum"] += time.monotonic() - t0
-                self.metrics_data["apply_seconds_count"] += 1
-                self.metrics_data["last_apply_seconds"] = time.monotonic() - t0
-                if commit == last_good:
-                    self.metrics_data["drift_corrections"] += len(mutated)
-            if isinstance(engine, Engine) and result.error and "not reachable" in result.error:
-                engine.close()
-                self._engine = None
-            self.last = result
-            if result.services:
-                self.services = result.services
-            self._count(result)
-            short = commit[:12]
-            if result.error:
-                log.error("pass failed", commit=short, error=result.error)
-                self.notifier.status(f"failed at {short}: {result.error.splitlines()[0][:200]}")
-            else:
-                log.info("pass done", commit=short, result=result.result, changes=len(mutated))
-                self.notifier.status(f"converged at {short}" + (" (remote unreachable)" if self.source_error else ""))
-            return result
+            self.last.started = self.last.finished = now()
+            self._count(self.last)
+            return self.last
         finally:
             self._pass_started = None
             structlog.contextvars.unbind_contextvars("run_id")
+
+    def _one_pass(self, run_id: str) -> PassResult | None:
+        state = self.store.load()
+        if state.paused is not None:
+            self.notifier.status(f"paused: {state.paused.reason}")
+            log.info("paused; not applying", reason=state.paused.reason)
+            return None
+        last_good = state.applied_commit if state.applied_commit and SHA.fullmatch(state.applied_commit) else None
+        try:
+            commit, path, self.source_error = self.source.current(last_good)
+        except AgentError as exc:
+            self.source_error = self.redactor.scrub(str(exc))
+            self.last = PassResult(host=self.settings.host, error=self.source_error, run_id=run_id)
+            self.last.started = self.last.finished = now()
+            self._count(self.last)
+            log.error("desired state unavailable", error=self.source_error)
+            self.notifier.status(f"source error: {self.source_error}")
+            return self.last
+        self.desired_commit = commit
+        if self.source_error:
+            log.warning("remote unreachable; staying on the last good commit", error=self.source_error, commit=commit)
+        try:
+            engine = self._engine or Engine()
+            self._engine = engine
+        except EngineError as exc:
+            self.last = PassResult(host=self.settings.host, commit=commit, error=str(exc), run_id=run_id)
+            self._count(self.last)
+            log.error("docker engine unavailable", error=str(exc))
+            return self.last
+        t0 = time.monotonic()
+        result = reconcile_once(
+            self.settings,
+            engine,
+            repo=path,
+            commit=commit,
+            health_cap_s=self.settings.health_timeout,
+            say=log.info,
+            on_secret=self.redactor.add,
+            run_id=run_id,
+            stopping=self.stop_event.is_set,
+        )
+        if result.error:
+            result.error = self.redactor.scrub(result.error)
+        done = [o for o in (result.applied.outcomes if result.applied else []) if o.ok and o.action.kind in MUTATING]
+        if done:
+            elapsed = time.monotonic() - t0
+            self.metrics_data["apply_seconds_sum"] += elapsed
+            self.metrics_data["apply_seconds_count"] += 1
+            if commit == last_good:
+                self.metrics_data["drift_corrections"] += len(done)
+        if result.error and "not reachable" in result.error:
+            engine.close()
+            self._engine = None
+        self.last = result
+        if result.services:
+            self.services = result.services
+        self._count(result)
+        short = commit[:12]
+        if result.error:
+            log.error("pass failed", commit=short, error=result.error)
+            self.notifier.status(f"failed at {short}: {result.error.splitlines()[0][:200]}")
+        else:
+            log.info("pass done", commit=short, result=result.result, changes=len(done))
+            self.notifier.status(f"converged at {short}" + (" (remote unreachable)" if self.source_error else ""))
+        return result
 
     def _count(self, result: PassResult) -> None:
         if result.result == "converged":
@@ -282,16 +287,12 @@ class Daemon:
         return {"triggered": True}
 
     def pause(self, reason: str) -> dict[str, Any]:
-        state = self.store.load()
-        state.paused = Pause(reason=reason, at=now())
-        self.store.save(state)
+        set_pause(self.store, reason)
         log.info("paused", reason=reason)
         return {"paused": True, "reason": reason}
 
     def resume(self) -> dict[str, Any]:
-        state = self.store.load()
-        state.paused = None
-        self.store.save(state)
+        set_pause(self.store, None)
         log.info("resumed")
         self.trigger()
         return {"paused": False}
@@ -344,12 +345,21 @@ class Daemon:
         return "\n".join(lines) + "\n"
 
 
-def status_from_state(settings: Settings, state: Any) -> dict[str, Any]:
+def set_pause(store: StateStore, reason: str | None) -> None:
+    """Pause (with a reason) or resume; persisted, so it holds across restarts."""
+
+    def change(state: AgentState) -> None:
+        state.paused = Pause(reason=reason, at=now()) if reason else None
+
+    store.update(change)
+
+
+def status_from_state(settings: Settings, state: AgentState) -> dict[str, Any]:
     """What can be said from the state file alone (also when the daemon is not running)."""
     last = state.runs[-1] if state.runs else None
     return {
         "host": settings.host,
-        "role": None,
+        "role": state.role,
         "running": False,
         "applied_commit": state.applied_commit,
         "last_run": (
@@ -365,7 +375,7 @@ def status_from_state(settings: Settings, state: Any) -> dict[str, Any]:
         ),
         "paused": {"reason": state.paused.reason, "at": state.paused.at} if state.paused else None,
         "quarantined": {fp: q.model_dump() for fp, q in state.quarantine.items()},
-        "services": {},
+        "services": state.services,
     }
 
 

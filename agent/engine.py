@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -106,9 +106,11 @@ class Engine:
 
     # ------------------------------------------------------------------ observe
 
-    def observe(self, project: str, images: list[str], names: list[str] = ()) -> Observed:  # type: ignore[assignment]
-        """Our containers for ``project`` (plus any container holding one of ``names``),
-        the project's networks, and the local ids of ``images``: three API calls."""
+    def observe(self, project: str, images: list[str], names: Sequence[str] = ()) -> Observed:
+        """Our containers for ``project`` (plus any container holding one of ``names``), the
+        project's networks, and the local id of each image: a container list, a network list
+        and one inspect per distinct image (the engine resolves ``docker.io/library/x``,
+        ``name:tag@digest`` and friends, so no reference is ever misread as missing)."""
         with _mapped("list containers"):
             raw = self.api.containers(all=True)
         wanted = set(names)
@@ -119,17 +121,13 @@ class Engine:
             if labels.get(L.PROJECT) == project or cname in wanted:
                 containers.append(_container(c, cname))
         with _mapped("list networks"):
-            nets = self.api.networks(filters={"label": f"{L.PROJECT}={project}"})
-        with _mapped("list images"):
-            local = self.api.images()
-        by_ref: dict[str, str] = {}
-        for img in local:
-            for ref in (img.get("RepoTags") or []) + (img.get("RepoDigests") or []):
-                by_ref[ref] = img["Id"]
+            # By name (the engine matches substrings; compared exactly below): a network of
+            # ours that lost its labels still counts as existing.
+            nets = self.api.networks(filters={"name": f"{project}_"})
         return Observed(
             containers=tuple(containers),
-            networks=tuple(sorted(n["Name"] for n in nets)),
-            images={ref: by_ref.get(_normal(ref)) for ref in images},
+            networks=tuple(sorted(n["Name"] for n in nets if str(n["Name"]).startswith(f"{project}_"))),
+            images={ref: self.image_id(ref) for ref in images},
         )
 
     # ------------------------------------------------------------------ images
@@ -189,6 +187,12 @@ class Engine:
 
     def create(self, stack: StackSpec, spec: ServiceSpec, name: str, labels: dict[str, str], stack_dir: str) -> str:
         nets = [f"{stack.project}_{n}" for n in spec.networks]
+        with _mapped(f"container config for {name}"):
+            return self._create(stack, spec, name, labels, stack_dir, nets)
+
+    def _create(
+        self, stack: StackSpec, spec: ServiceSpec, name: str, labels: dict[str, str], stack_dir: str, nets: list[str]
+    ) -> str:
         host_config = self.api.create_host_config(
             port_bindings={
                 f"{p.container_port}/{p.protocol}": (p.host_ip or "0.0.0.0", p.host_port) for p in spec.ports
@@ -273,8 +277,12 @@ class Engine:
         with _mapped(f"rename {cid[:12]} to {name}"):
             self.api.rename(cid, name)
 
-    def remove(self, cid: str) -> None:
+    def remove(self, cid: str, grace_s: int | None = None) -> None:
+        """Remove a container; with ``grace_s`` it is stopped gracefully first (SIGTERM, then
+        SIGKILL after the grace period), never killed outright with its data mid-write."""
         try:
+            if grace_s is not None:
+                self.stop(cid, timeout=grace_s)
             with _mapped(f"remove {cid[:12]}"):
                 self.api.remove_container(cid, force=True, v=False)
         except NotFound:
@@ -295,11 +303,20 @@ class Engine:
             return ""
 
     def wait_healthy(
-        self, cid: str, deadline_s: float, has_healthcheck: bool, sleep: Callable[[float], None] = time.sleep
+        self,
+        cid: str,
+        deadline_s: float,
+        has_healthcheck: bool,
+        stopping: Callable[[], bool] = lambda: False,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> str | None:
-        """None once healthy (or running, without a healthcheck); else why it is not."""
+        """None once healthy (or running, without a healthcheck); else why it is not.
+        ``stopping`` aborts the wait (the agent is shutting down: roll back rather than leave
+        an untested container in place)."""
         end = time.monotonic() + deadline_s
         while True:
+            if stopping():
+                return "the agent is stopping; rollout abandoned"
             status, health, code = self.state(cid)
             if status in ("exited", "dead", "restarting"):
                 tail = self.logs_tail(cid)
@@ -316,14 +333,6 @@ class Engine:
             if time.monotonic() >= end:
                 return f"not healthy within {deadline_s:.0f}s (status {status}, health {health})"
             sleep(0.25)
-
-
-def _normal(ref: str) -> str:
-    """How the engine lists a reference in RepoTags / RepoDigests."""
-    if "@" in ref:
-        return ref
-    last = ref.rsplit("/", 1)[-1]
-    return ref if ":" in last else f"{ref}:latest"
 
 
 def _bind(kind: str, source: str, target: str, read_only: bool, stack: StackSpec, stack_dir: str) -> str:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextvars
 import json
-import os
 import secrets as pysecrets
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import structlog
 
 from agent import labels as L
 from agent.engine import Engine, EngineError
+from agent.fsutil import write_atomic
 from agent.observed import Observed
 from agent.plan import Action, Desired, container_labels, container_name, desired_service, network_name
 from agent.stack import ServiceSpec, StackSpec
@@ -51,7 +53,10 @@ class Outcome:
 class ApplyResult:
     outcomes: list[Outcome] = field(default_factory=list)
     error: str | None = None
+    #: a previous container was brought back
     rolled_back: bool = False
+    #: a new version did not come up (worth quarantining that desired state)
+    rollout_failed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -80,6 +85,8 @@ class Executor:
         commit: str,
         health_cap_s: float | None = None,
         on_event: Callable[[str], None] | None = None,
+        stopping: Callable[[], bool] = lambda: False,
+        reload_settle_s: float = 2.0,
     ) -> None:
         self.engine = engine
         self.stack_dir = stack_dir
@@ -87,6 +94,9 @@ class Executor:
         self.commit = commit
         self.health_cap_s = health_cap_s
         self.say = on_event or (lambda msg: None)
+        self.stopping = stopping
+        self.reload_settle_s = reload_settle_s
+        self._previous: dict[Path, tuple[bytes, int] | None] = {}
 
     def apply(self, stack: StackSpec, actions: list[Action]) -> ApplyResult:
         result = ApplyResult()
@@ -116,7 +126,7 @@ class Executor:
                 return result
 
         # 2. Files (kept to put back on failure), networks.
-        previous = self._write_files(stack)
+        self._previous = self._write_files(stack)
         try:
             for action in actions:
                 if action.kind == "create_network":
@@ -156,6 +166,7 @@ class Executor:
                     except ServiceFailed as exc:
                         failed = True
                         result.rolled_back = result.rolled_back or exc.rolled_back
+                        result.rollout_failed = True
                         result.outcomes.append(Outcome(by_service[s][-1], False, str(exc)))
                         result.error = result.error or f"service '{s}': {exc}"
                 if failed:
@@ -170,8 +181,10 @@ class Executor:
                         result.outcomes.append(Outcome(action, True))
         except EngineError as exc:
             result.error = str(exc)
+        except OSError as exc:  # the stack directory: disk full, permissions
+            result.error = f"cannot write stack files under {self.stack_dir}: {exc.strerror}"
         if result.error is not None:
-            self._restore_files(previous)
+            self._restore_files(self._previous)
         return result
 
     # ------------------------------------------------------------------ per service
@@ -193,20 +206,37 @@ class Executor:
                 self.say(f"{name}: starting")
                 self.engine.start(action.container)
                 self._wait(want.spec, action.container)
+                if action.changed:  # started on new mounted files
+                    record_files(self.stack_dir, action.container, want)
             elif action.kind == "restart" and action.container:
                 self.say(f"{name}: restarting ({action.reason})")
                 self.engine.restart(action.container)
                 self._wait(want.spec, action.container)
+                # Labels cannot change on a live container: remember the files it now runs with.
+                record_files(self.stack_dir, action.container, want)
             elif action.kind == "reload" and action.container and action.signal:
-                self.say(f"{name}: sending {action.signal} ({action.reason})")
-                self.engine.signal(action.container, action.signal)
-                # Labels cannot change on a live container: remember what it now runs with.
-                record_reload(self.stack_dir, action.container, want)
+                self._reload(want, action.container, action.signal, action.reason)
             outcomes.append(Outcome(action, True))
         return outcomes
 
     def _labels(self, stack: StackSpec, want: Desired) -> dict[str, str]:
         return container_labels(stack, want, self.host, self.commit)
+
+    def _reload(self, want: Desired, cid: str, sig: str, reason: str) -> None:
+        """Signal, then make sure the service survived it; if not, put the old files back."""
+        self.say(f"{want.spec.name}: sending {sig} ({reason})")
+        self.engine.signal(cid, sig)
+        time.sleep(self.reload_settle_s)
+        status, health, code = self.engine.state(cid)
+        if status == "running" and health != "unhealthy":
+            record_files(self.stack_dir, cid, want)
+            return
+        self._restore_files(self._previous)
+        try:
+            self.engine.restart(cid)
+        except EngineError as exc:
+            raise ServiceFailed(f"reload with {sig} failed ({status}, exit {code}) and restart failed: {exc}") from None
+        raise ServiceFailed(f"reload with {sig} failed ({status}, exit {code}); old files restored, restarted", True)
 
     def _create_and_wait(self, stack: StackSpec, want: Desired, name: str) -> str:
         cid = self.engine.create(stack, want.spec, name, self._labels(stack, want), str(self.stack_dir))
@@ -219,40 +249,65 @@ class Executor:
         return cid
 
     def _wait(self, spec: ServiceSpec, cid: str) -> None:
-        why = self.engine.wait_healthy(cid, health_deadline(spec, self.health_cap_s), spec.healthcheck is not None)
+        why = self.engine.wait_healthy(
+            cid, health_deadline(spec, self.health_cap_s), spec.healthcheck is not None, self.stopping
+        )
         if why is not None:
             raise ServiceFailed(why)
 
     def _replace(self, stack: StackSpec, want: Desired, old: str) -> None:
         final = container_name(stack, want.spec.name)
         suffix = pysecrets.token_hex(3)
+        grace = int(want.spec.stop_grace_period_s or 10)
         new = self.engine.create(
             stack, want.spec, f"{final}-new-{suffix}", self._labels(stack, want), str(self.stack_dir)
         )
-        if not want.spec.ports:
-            # Case: no host port in the way: the new one is healthy before the old one goes.
+        stateful = any(m.type == "volume" for m in want.spec.mounts)
+        if not want.spec.ports and not stateful:
+            # Case: nothing in the way: the new one is healthy before the old one goes.
             try:
                 self.engine.start(new)
                 self._wait(want.spec, new)
             except (ServiceFailed, EngineError) as exc:
                 self.engine.remove(new)
                 raise ServiceFailed(f"new container failed ({exc}); rolled back, old container kept", True) from None
-            self.engine.remove(old)
+            self.engine.remove(old, grace_s=grace)
             self.engine.rename(new, final)
             return
-        # Case: host ports are taken by the old one: stop it (kept for rollback), start the new.
-        self.engine.stop(old)
-        self.engine.rename(old, f"{final}-old-{suffix}")
+        # Case: host ports, or a data volume two processes must not share: stop the old one
+        # gracefully (kept for rollback), then start the new one.
         try:
+            self.engine.stop(old, timeout=grace)
+            self.engine.rename(old, f"{final}-old-{suffix}")
             self.engine.rename(new, final)
             self.engine.start(new)
             self._wait(want.spec, new)
         except (ServiceFailed, EngineError) as exc:
-            self.engine.remove(new)
-            self.engine.rename(old, final)
-            self.engine.start(old)
-            raise ServiceFailed(f"new container failed ({exc}); rolled back, old container restarted", True) from None
+            self._roll_back(new, old, final, exc)
         self.engine.remove(old)
+
+    def _roll_back(self, new: str, old: str, final: str, why: Exception) -> None:
+        """Bring the old container back under its name, on the old files. Each step is tried
+        even if an earlier one failed; the failure says plainly if the old one is not back."""
+        problems = []
+        steps: list[Callable[[], None]] = [
+            lambda: self.engine.remove(new),
+            lambda: self._restore_files(self._previous),
+            lambda: self.engine.rename(old, final),
+            lambda: self.engine.start(old),
+        ]
+        for step in steps:
+            try:
+                step()
+            except (EngineError, OSError) as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ServiceFailed(
+                f"new container failed ({why}); ROLLBACK INCOMPLETE, the old container may be down: "
+                + "; ".join(problems),
+                True,
+            ) from None
+        raise ServiceFailed(f"new container failed ({why}); rolled back, old container restarted", True) from None
 
     # ------------------------------------------------------------------ files
 
@@ -276,16 +331,19 @@ class Executor:
 
 
 RELOADS = ".reloads.json"
+_RELOADS_LOCK = threading.Lock()
 
 
-def record_reload(stack_dir: Path, container: str, want: Desired) -> None:
+def record_files(stack_dir: Path, container: str, want: Desired) -> None:
+    """A container now runs with new mounted files (reloaded or restarted in place)."""
     path = stack_dir / RELOADS
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[container] = {"files_hash": want.files_hash, "files": want.files}
-    write_atomic(path, json.dumps(data).encode(), 0o600)
+    with _RELOADS_LOCK:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[container] = {"files_hash": want.files_hash, "files": want.files}
+        write_atomic(path, json.dumps(data).encode(), 0o600)
 
 
-def with_reloads(observed: Observed, stack_dir: Path) -> Observed:
+def with_reloads(observed: Observed, stack_dir: Path, prune: bool = True) -> Observed:
     """Observed containers as they run after in-place reloads (the label diffbase + reloads)."""
     path = stack_dir / RELOADS
     if not path.is_file():
@@ -295,7 +353,7 @@ def with_reloads(observed: Observed, stack_dir: Path) -> Observed:
     except ValueError:
         return observed
     live = {c.id for c in observed.containers}
-    if set(data) - live:  # forget containers that are gone
+    if prune and set(data) - live:  # forget containers that are gone
         data = {k: v for k, v in data.items() if k in live}
         write_atomic(path, json.dumps(data).encode(), 0o600)
     patched = []
@@ -310,17 +368,3 @@ def with_reloads(observed: Observed, stack_dir: Path) -> Observed:
         }
         patched.append(c.model_copy(update={"labels": labels}))
     return observed.model_copy(update={"containers": tuple(patched)})
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write-then-rename in the same directory, fsynced: a reader sees old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

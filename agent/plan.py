@@ -173,9 +173,16 @@ def _service_actions(
         ]
 
     actions: list[Action] = []
-    # Case: an interrupted pass left more than one container for the service.
+    # Case: an interrupted pass left more than one container for the service. Keep the new
+    # one only if it proved healthy; otherwise the known-good old one, and roll out again.
     if len(mine) > 1:
-        keep = next((c for c in mine if c.labels.get(L.SPEC_HASH) == want.spec_hash and c.name == cname), mine[0])
+        proven = [
+            c
+            for c in mine
+            if c.labels.get(L.SPEC_HASH) == want.spec_hash and c.state == "running" and c.health in (None, "healthy")
+        ]
+        known_good = [c for c in mine if c.labels.get(L.SPEC_HASH) != want.spec_hash]
+        keep = (proven or known_good or mine)[0]
         for extra in mine:
             if extra is not keep:
                 actions.append(
@@ -192,6 +199,18 @@ def _service_actions(
     if not mine:
         return [*actions, Action("create", name, "no container for this service")]
     current = mine[0]
+
+    # Case: right spec, but left under a temporary name by an interrupted replacement.
+    if current.labels.get(L.SPEC_HASH) == want.spec_hash and current.name != cname:
+        return [
+            *actions,
+            Action(
+                "recreate",
+                name,
+                f"container has the temporary name {current.name} (interrupted pass)",
+                container=current.id,
+            ),
+        ]
 
     # Case: the spec or the image changed: only a new container applies it.
     if current.labels.get(L.SPEC_HASH) != want.spec_hash:

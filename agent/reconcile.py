@@ -26,10 +26,10 @@ from agent.lint import lint_fleet, lint_stack
 from agent.observed import Observed
 from agent.plan import Action, container_name, pending, plan
 from agent.render import RenderedStack, render_host
-from agent.secrets import SecretResolver
+from agent.secrets import REDACTED, SecretResolver
 from agent.settings import Settings
 from agent.stack import StackSpec
-from agent.state import Quarantined, Run, StateStore, now
+from agent.state import AgentState, Quarantined, Run, StateStore, now
 
 log = structlog.get_logger("agent.reconcile")
 
@@ -116,75 +116,139 @@ def reconcile_once(
     say: Callable[[str], None] = lambda msg: None,
     on_secret: Callable[[str], None] | None = None,
     run_id: str | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> PassResult:
+    """One pass. A dry run (``agent plan``) reads only: it records nothing and writes nothing."""
     repo = repo or Path(settings.repo)
     commit = commit or repo_commit(repo)
     result = PassResult(host=settings.host, commit=commit)
     if run_id:
         result.run_id = run_id
     store = StateStore(settings.state_dir)
-    started = result.started = now()
+    result.started = now()
+    resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file, on_secret)
+    applied_fp: str | None = None
     try:
-        desired = load_desired(repo)
-        resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file, on_secret)
-        rendered = render_host(desired, settings.host, resolver, reveal=True, prefix=settings.project_prefix)
-        # What LiteLLM would silently accept (or die on at SIGHUP) never reaches the host.
-        errors = [p for p in lint_fleet(desired) + lint_stack(desired, rendered) if p.severity == "error"]
-        if errors:
-            raise DesiredStateError(errors)
-        stack = rendered.stack
-        result.project = stack.project
-        result.role = rendered.role
-        result.routing = {a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()}
-        policy = desired.roles[rendered.role].spec.on_config_change
-        images = sorted({s.image for s in stack.services.values()})
-        names = [container_name(stack, s) for s in stack.services]
-        stack_dir = store.stack_dir(stack.project)
-        observed = with_reloads(engine.observe(stack.project, images, names), stack_dir)
-        result.actions = plan(stack, observed, policy)
-        result.services = _services(stack, observed)
-        if not pending(result.actions):
-            result.result = "converged"
-        elif dry_run:
-            result.result = "changes-pending"
-        if dry_run or not pending(result.actions):
-            if not dry_run:
-                _record(store, result, started, fingerprint(rendered))
-            return result
-
-        fp = fingerprint(rendered)
-        state = store.load()
-        if fp in state.quarantine and not retry_quarantined:
-            q = state.quarantine[fp]
-            result.error = (
-                f"desired state quarantined since commit {q.commit}: {q.reason}; "
-                "push a change (or --retry) to try again"
+        if dry_run:
+            _pass(
+                settings,
+                engine,
+                repo,
+                commit,
+                store,
+                resolver,
+                result,
+                True,
+                retry_quarantined,
+                health_cap_s,
+                say,
+                stopping,
             )
-            _record(store, result, started, None)
             return result
         with pass_lock(settings.state_dir):
-            executor = Executor(engine, stack_dir, settings.host, commit, health_cap_s, say)
-            result.applied = executor.apply(stack, result.actions)
-        if result.applied.ok:
-            # Verify: observe again; converged means nothing is left to do.
-            observed = with_reloads(engine.observe(stack.project, images, names), stack_dir)
-            result.services = _services(stack, observed)
-            after = plan(stack, observed, policy)
-            if pending(after):
-                result.error = "did not converge: " + "; ".join(str(a) for a in after if a.kind != "noop")
-            else:
-                result.result = "converged"
-        else:
-            result.error = result.applied.error
-            if result.applied.rolled_back:
-                state = store.load()
-                state.quarantine[fp] = Quarantined(commit=commit, reason=result.error or "failed", at=now())
-                store.save(state)
-        _record(store, result, started, fp if result.result == "converged" else None)
+            applied_fp = _pass(
+                settings,
+                engine,
+                repo,
+                commit,
+                store,
+                resolver,
+                result,
+                False,
+                retry_quarantined,
+                health_cap_s,
+                say,
+                stopping,
+            )
     except (DesiredStateError, EngineError, AgentError) as exc:
         result.error = str(exc)
-        _record(store, result, started, None)
+    except OSError as exc:  # the state dir: disk full, permissions
+        result.error = f"{exc.filename or 'state dir'}: {exc.strerror}"
+    if result.error:
+        result.error = _scrub(result.error, resolver.known_values())
+    if not dry_run:
+        _record(store, result, applied_fp)
     return result
+
+
+def _pass(
+    settings: Settings,
+    engine: Engine,
+    repo: Path,
+    commit: str,
+    store: StateStore,
+    resolver: SecretResolver,
+    result: PassResult,
+    dry_run: bool,
+    retry_quarantined: bool,
+    health_cap_s: float | None,
+    say: Callable[[str], None],
+    stopping: Callable[[], bool],
+) -> str | None:
+    """Render, observe, plan, maybe apply; fills ``result``. Returns the fingerprint applied."""
+    desired = load_desired(repo)
+    rendered = render_host(desired, settings.host, resolver, reveal=True, prefix=settings.project_prefix)
+    # What LiteLLM would silently accept (or die on at SIGHUP) never reaches the host.
+    errors = [p for p in lint_fleet(desired) + lint_stack(desired, rendered) if p.severity == "error"]
+    if errors:
+        raise DesiredStateError(errors)
+    stack = rendered.stack
+    result.project = stack.project
+    result.role = rendered.role
+    result.routing = {a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()}
+    policy = desired.roles[rendered.role].spec.on_config_change
+    images = sorted({s.image for s in stack.services.values()})
+    names = [container_name(stack, s) for s in stack.services]
+    stack_dir = store.stack_dir(stack.project)
+    fp = fingerprint(rendered)
+
+    def look() -> Observed:
+        return with_reloads(engine.observe(stack.project, images, names), stack_dir, prune=not dry_run)
+
+    observed = look()
+    result.actions = plan(stack, observed, policy)
+    result.services = _services(stack, observed)
+    if not pending(result.actions):
+        result.result = "converged"
+        return fp
+    if dry_run:
+        result.result = "changes-pending"
+        return None
+
+    state = store.load()
+    if fp in state.quarantine and not retry_quarantined:
+        q = state.quarantine[fp]
+        result.error = (
+            f"desired state quarantined since commit {q.commit[:12]}: {q.reason}; "
+            "push a change (or --retry) to try again"
+        )
+        return None
+    executor = Executor(engine, stack_dir, settings.host, commit, health_cap_s, say, stopping)
+    result.applied = executor.apply(stack, result.actions)
+    if not result.applied.ok:
+        result.error = result.applied.error
+        # A new version that did not come up is not retried every pass: quarantined until the
+        # desired state changes. Never the state already applied (that is drift healing).
+        if result.applied.rollout_failed and fp != state.applied_fingerprint:
+            reason = _scrub(result.error or "failed", resolver.known_values())
+            store.update(lambda st: st.quarantine.__setitem__(fp, Quarantined(commit=commit, reason=reason, at=now())))
+        return None
+    # Verify: observe again; converged means nothing is left to do.
+    observed = look()
+    result.services = _services(stack, observed)
+    after = plan(stack, observed, policy)
+    if pending(after):
+        result.error = "did not converge: " + "; ".join(str(a) for a in after if a.kind != "noop")
+        return None
+    result.result = "converged"
+    return fp
+
+
+def _scrub(text: str, values: list[str]) -> str:
+    for value in values:
+        if len(value) >= 4:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str | None]]:
@@ -200,24 +264,30 @@ def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str |
     return out
 
 
-def _record(store: StateStore, result: PassResult, started: float, applied_fp: str | None) -> None:
+def _record(store: StateStore, result: PassResult, applied_fp: str | None) -> None:
     result.finished = now()
-    try:
-        state = store.load()
+    run = Run(
+        id=result.run_id,
+        started=result.started,
+        finished=result.finished,
+        result=result.result,
+        commit=result.commit,
+        error=result.error,
+        actions=[a.as_dict() for a in result.actions if a.kind != "noop"],
+    )
+
+    def update(state: AgentState) -> None:
         if applied_fp is not None:
             state.applied_commit = result.commit
             state.applied_fingerprint = applied_fp
-        state.record(
-            Run(
-                id=result.run_id,
-                started=started,
-                finished=now(),
-                result=result.result,
-                commit=result.commit,
-                error=result.error,
-                actions=[a.as_dict() for a in result.actions if a.kind != "noop"],
-            )
-        )
-        store.save(state)
+            state.quarantine.pop(applied_fp, None)
+        if result.role:
+            state.role = result.role
+        if result.services:
+            state.services = result.services
+        state.record(run)
+
+    try:
+        store.update(update)
     except (AgentError, OSError) as exc:
         log.warning("could not record the run", error=str(exc))

@@ -7,16 +7,21 @@ pass; ``agent status`` reads it.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
 from agent.errors import ConfigError
+from agent.fsutil import write_atomic
 
 MAX_RUNS = 20
+MAX_QUARANTINE = 20
 
 
 class Run(BaseModel):
@@ -47,15 +52,37 @@ class AgentState(BaseModel):
     #: desired-state fingerprint -> why it is not retried
     quarantine: dict[str, Quarantined] = Field(default_factory=dict)
     paused: Pause | None = None
+    #: as last seen, so ``agent status`` can show them while the daemon is down
+    role: str | None = None
+    services: dict[str, dict[str, str | None]] = Field(default_factory=dict)
 
     def record(self, run: Run) -> None:
         self.runs = [*self.runs, run][-MAX_RUNS:]
+        # Keep the most recent quarantine entries only.
+        if len(self.quarantine) > MAX_QUARANTINE:
+            keep = sorted(self.quarantine.items(), key=lambda kv: kv[1].at)[-MAX_QUARANTINE:]
+            self.quarantine = dict(keep)
 
 
 class StateStore:
+    """Reads and updates ``state.json``. ``update`` is the only way to change it: a
+    read-modify-write under a thread lock and an ``flock`` (the daemon's control thread, its
+    pass thread and a CLI ``agent apply`` never lose each other's writes)."""
+
+    _thread_lock = threading.Lock()
+
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
         self.path = state_dir / "state.json"
+
+    def update(self, change: Callable[[AgentState], None]) -> AgentState:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._thread_lock, open(self.dir / "state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self.load()
+            change(state)
+            self.save(state)
+            return state
 
     def load(self) -> AgentState:
         if not self.path.is_file():
@@ -68,8 +95,6 @@ class StateStore:
             ) from None
 
     def save(self, state: AgentState) -> None:
-        from agent.executor import write_atomic
-
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(self.path, state.model_dump_json(indent=1).encode(), 0o600)
 
