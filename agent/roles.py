@@ -20,7 +20,15 @@ from agent.errors import DesiredStateError
 from agent.model import Strict, parse
 from agent.yamlsrc import Document, load
 
-BUILTIN_ROLES = Path(__file__).resolve().parent.parent / "roles"
+def _builtin_roles() -> Path:
+    """The roles shipped with the agent: the repo's ``roles/`` (installed as ``agent._roles``)."""
+    source_tree = Path(__file__).resolve().parent.parent / "roles"
+    if source_tree.is_dir():
+        return source_tree
+    return Path(__file__).resolve().parent / "_roles"  # installed from a wheel
+
+
+BUILTIN_ROLES = _builtin_roles()
 
 ConfigChangeAction = Literal["restart", "recreate"] | str
 
