@@ -41,9 +41,6 @@ class DesiredState:
     def doc(self, host: str) -> Document:
         return self.docs[host]
 
-    def motoko_host(self) -> Host | None:
-        return self.hosts.get(self.fleet.motoko)
-
 
 def load_desired(root: Path) -> DesiredState:
     root = Path(root)

@@ -124,9 +124,13 @@ class Engine:
             # By name (the engine matches substrings; compared exactly below): a network of
             # ours that lost its labels still counts as existing.
             nets = self.api.networks(filters={"name": f"{project}_"})
+        ours = [n for n in nets if str(n["Name"]).startswith(f"{project}_")]
         return Observed(
             containers=tuple(containers),
-            networks=tuple(sorted(n["Name"] for n in nets if str(n["Name"]).startswith(f"{project}_"))),
+            networks=tuple(sorted(n["Name"] for n in ours)),
+            owned_networks=tuple(
+                sorted(n["Name"] for n in ours if (n.get("Labels") or {}).get(L.OWNER) == L.OWNER_VALUE)
+            ),
             images={ref: self.image_id(ref) for ref in images},
         )
 

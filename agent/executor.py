@@ -177,7 +177,12 @@ class Executor:
                 for action in actions:
                     if action.kind == "remove" and action.target not in stack.services and action.container:
                         self.say(f"removing orphan {action.target}")
-                        self.engine.remove(action.container)
+                        self.engine.remove(action.container, grace_s=10)
+                        result.outcomes.append(Outcome(action, True))
+                for action in actions:
+                    if action.kind == "remove_network":
+                        self.say(f"removing network {action.target}")
+                        self.engine.remove_network(action.target)  # "active endpoints" tolerated
                         result.outcomes.append(Outcome(action, True))
         except EngineError as exc:
             result.error = str(exc)
@@ -220,7 +225,7 @@ class Executor:
         return outcomes
 
     def _labels(self, stack: StackSpec, want: Desired) -> dict[str, str]:
-        return container_labels(stack, want, self.host, self.commit)
+        return {**container_labels(stack, want, self.host, self.commit), L.WORKING_DIR: str(self.stack_dir)}
 
     def _reload(self, want: Desired, cid: str, sig: str, reason: str) -> None:
         """Signal, then make sure the service survived it; if not, put the old files back."""

@@ -18,7 +18,7 @@ from agent.model import REQUIRED_ALIASES
 from agent.render import RenderedStack, render_host
 from agent.routing import Backend, backends
 from agent.secrets import SecretResolver
-from agent.yamlsrc import load
+from agent.yamlsrc import Document, load
 
 COMPROMISED_LITELLM = ("1.107.0",)
 
@@ -98,7 +98,9 @@ def lint_fleet(desired: DesiredState) -> list[Problem]:
         if alias not in served:
             problems.append(
                 Problem(
-                    "fleet.yaml", None, f"alias '{alias}' is served by no host (add it to a gpu_node host's 'serves')"
+                    "fleet.yaml",
+                    _first_mention(fdoc, alias),
+                    f"alias '{alias}' is served by no host (add it to a gpu_node host's 'serves')",
                 )
             )
 
@@ -148,12 +150,15 @@ def lint_fleet(desired: DesiredState) -> list[Problem]:
                 )
             if "model_display" in keys:
                 provider, _, name = keys["model_display"].partition("/")
-                if name.lower() != served_name.lower():
+                # The seed writes "openai/gemma-2-9b-it-awq" for "google/gemma-2-9b-it-AWQ".
+                if name.rsplit("/", 1)[-1].lower() != served_name.rsplit("/", 1)[-1].lower():
                     problems.append(
                         Problem(
                             motoko.file,
                             line_of(motoko.name, "vars", f"{host_name}_model_display"),
-                            f"{host_name}_model_display names model '{name}' but {host_name} serves '{served_name}'",
+                            f"{host_name}_model_display names model '{name}' but {host_name} serves '{served_name}' "
+                            "(the gateway always calls the served name)",
+                            "warning",
                         )
                     )
                 if provider == "openai":
@@ -189,6 +194,23 @@ def lint_fleet(desired: DesiredState) -> list[Problem]:
                 )
             )
     return problems
+
+
+def _first_mention(doc: Document, alias: str) -> int | None:
+    """The first line of fleet.yaml's routing that names ``alias`` (where the need comes from)."""
+    routing = (doc.data or {}).get("routing") or {}
+    lines = []
+    for key, value in routing.items():
+        if value == alias:
+            lines.append(doc.line_of("routing", key))
+    for src, chain in (routing.get("fallbacks") or {}).items():
+        if src == alias:
+            lines.append(doc.line_of("routing", "fallbacks", src))
+        for i, target in enumerate(chain or []):
+            if target == alias:
+                lines.append(doc.line_of("routing", "fallbacks", src, i))
+    found = [line for line in lines if line]
+    return min(found) if found else doc.line_of("routing")
 
 
 def lint_stack(desired: DesiredState, rendered: RenderedStack) -> list[Problem]:

@@ -157,7 +157,8 @@ class MotokoVars(Strict):
 
     Besides the declared fields, the seed's per-backend overrides are accepted:
     ``<host>_base_url`` (api_base used for that host), ``<host>_model_hf_id`` and
-    ``<host>_model_display`` (checked against what that host really serves).
+    ``<host>_model_display`` (checked against what that host really serves; the host file is
+    the one source of truth for the model, so they cannot disagree with it unnoticed).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)

@@ -4,8 +4,8 @@ Owns: talking to the service manager through ``$NOTIFY_SOCKET`` -- one ``AF_UNIX
 datagram per call, newline-joined ``KEY=value`` assignments -- and reading the watchdog settings
 (``$WATCHDOG_USEC``, ``$WATCHDOG_PID``) that ``WatchdogSec=`` in ``agent.service`` hands us.
 
-Called by the daemon (``agent run``): ``ready()`` after the first reconcile pass (``Type=notify``
-holds ``systemctl start`` until then), ``status()`` with one line per pass, ``watchdog()`` from the
+Called by the daemon (``agent run``): ``ready()`` once its scheduler and control socket are up
+(``Type=notify`` holds ``systemctl start`` until then), ``status()`` with one line per pass, ``watchdog()`` from the
 scheduler loop at ``watchdog_interval_s``, ``stopping()`` on shutdown and ``reloading()`` if it
 ever re-reads its config in place.
 

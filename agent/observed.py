@@ -53,5 +53,7 @@ class Observed(BaseModel):
 
     containers: tuple[ObservedContainer, ...] = ()
     networks: tuple[str, ...] = ()
+    #: the networks above that carry our owner label (only those may ever be removed)
+    owned_networks: tuple[str, ...] = ()
     #: image reference -> local image id, or None when the image is not present.
     images: dict[str, str | None] = Field(default_factory=dict)

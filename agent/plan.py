@@ -18,9 +18,21 @@ from agent.observed import Observed, ObservedContainer
 from agent.stack import ServiceSpec, StackSpec
 
 ActionKind = Literal[
-    "create_network", "pull", "create", "recreate", "start", "reload", "restart", "remove", "conflict", "noop"
+    "create_network",
+    "pull",
+    "create",
+    "recreate",
+    "start",
+    "reload",
+    "restart",
+    "remove",
+    "remove_network",
+    "conflict",
+    "noop",
 ]
-MUTATING = frozenset({"create_network", "pull", "create", "recreate", "start", "reload", "restart", "remove"})
+MUTATING = frozenset(
+    {"create_network", "pull", "create", "recreate", "start", "reload", "restart", "remove", "remove_network"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +154,11 @@ def plan(stack: StackSpec, observed: Observed, on_config_change: Mapping[str, st
                     container=c.id,
                 )
             )
+    # Networks of ours that no service uses any more (volumes are data: never removed).
+    wanted = {network_name(stack, n) for s in stack.services.values() for n in s.networks}
+    for owned in observed.owned_networks:
+        if owned not in wanted:
+            actions.append(Action("remove_network", owned, "network no longer used by the desired state"))
     return actions
 
 

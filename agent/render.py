@@ -126,6 +126,8 @@ def _context(desired: DesiredState, host: Host, project: str, prefix: str) -> di
     if host.role == "gpu_node":
         variables["served_model_name"] = host.gpu.served_name
         variables["vllm_published_port"] = host.gpu.published_port
+    else:
+        variables["litellm_image_ref"] = host.motoko.image  # litellm_image, else the tag of litellm_version
     return {
         **variables,
         "host": host.name,

@@ -20,6 +20,7 @@ from agent.errors import DesiredStateError
 from agent.model import Strict, parse
 from agent.yamlsrc import Document, load
 
+
 def _builtin_roles() -> Path:
     """The roles shipped with the agent: the repo's ``roles/`` (installed as ``agent._roles``)."""
     source_tree = Path(__file__).resolve().parent.parent / "roles"
@@ -84,9 +85,6 @@ class Role:
     @property
     def templates(self) -> Path:
         return self.root / "templates"
-
-    def config_action(self, service: str) -> str:
-        return self.spec.on_config_change.get(service, "restart")
 
 
 def search_path(repo: Path) -> list[Path]:

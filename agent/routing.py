@@ -78,9 +78,9 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
         v = host.gpu
         over = overrides.get(name, {})
         api_base = over.get("base_url") or f"http://{host.address}:{v.published_port}/v1"
+        # Always the name vLLM really serves (one source of truth). The seed's
+        # <host>_model_display is checked against it by lint, never sent to the backend.
         model = f"hosted_vllm/{v.served_name}"
-        if "model_display" in over:
-            model = over["model_display"]
         for i, alias in enumerate(v.serves):
             file, line = where(name, "vars", "serves", i)
             out.append(Backend(name, alias, "vllm", model, api_base, name, v.max_model_len, file, line))
@@ -132,7 +132,7 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
     return out, problems
 
 
-def aliases(policy: RoutingPolicy, table: list[Backend]) -> list[str]:
+def aliases(table: list[Backend]) -> list[str]:
     names = {b.alias for b in table} | set(REQUIRED_ALIASES)
     return sorted(names)
 
@@ -158,7 +158,7 @@ def decide(
         return health.get(b.name, Health(True)).healthy
 
     decisions: dict[str, Decision] = {}
-    for alias in aliases(policy, table):
+    for alias in aliases(table):
         if alias not in native:
             continue  # lint reports aliases nobody serves
         own = native[alias]

@@ -169,6 +169,8 @@ class SecretResolver:
             if source.has(name):
                 value = source.get(name)
                 if value is not None:
+                    if "\n" in value or "\x00" in value:
+                        raise SecretError(f"secret '{name}' ({source.describe(name)}) contains a newline or NUL byte")
                     self._cache[name] = value
                     if self.on_resolve is not None:
                         self.on_resolve(value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -264,13 +264,13 @@ def duration(value: str | int | float | None, default: float) -> float:
 def parse_env_file(text: str) -> dict[str, str]:
     """``KEY=VALUE`` lines as compose reads them (comments and blank lines skipped)."""
     env: dict[str, str] = {}
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        if not sep:
-            raise ValueError(f"env file line '{key}' has no '='")
+        if not sep:  # the line itself is not shown: it may hold a secret
+            raise ValueError(f"env file line {number} has no '='")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
@@ -303,6 +303,23 @@ def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> S
             services[name] = _service(name, svc, files, networks, volumes)
         except ValueError as exc:
             problems.append(Problem(doc.name, doc.line_of("services", name), f"service '{name}': {exc}"))
+    for name, svc in raw.services.items():
+        if isinstance(svc.depends_on, dict):
+            for dep, cond in svc.depends_on.items():
+                if cond.condition == "service_completed_successfully":
+                    problems.append(
+                        Problem(
+                            doc.name,
+                            doc.line_of("services", name, "depends_on", dep),
+                            f"service '{name}': depends_on condition service_completed_successfully is not supported",
+                        )
+                    )
+    for kind, entries in (("networks", raw.networks), ("volumes", raw.volumes)):
+        for key, entry in entries.items():
+            if entry is not None and entry.external:
+                problems.append(
+                    Problem(doc.name, doc.line_of(kind, key), f"{kind}.{key}: external {kind} are not supported")
+                )
     for name, spec in services.items():
         for dep in spec.depends_on:
             if dep not in services:
@@ -349,11 +366,13 @@ def _service(
             raise ValueError(f"network '{net}' is not declared under top-level 'networks'")
 
     hc = None
+    test_t: tuple[str, ...] = ()
     if svc.healthcheck and not svc.healthcheck.disable:
         test = svc.healthcheck.test
         test_t = ("CMD-SHELL", test) if isinstance(test, str) else tuple(test)
-        if test_t[0] not in ("CMD", "CMD-SHELL", "NONE"):
-            raise ValueError("healthcheck.test must start with CMD or CMD-SHELL")
+        if not test_t or test_t[0] not in ("CMD", "CMD-SHELL", "NONE"):
+            raise ValueError("healthcheck.test must start with CMD, CMD-SHELL or NONE")
+    if svc.healthcheck and not svc.healthcheck.disable and test_t[0] != "NONE":
         hc = HealthcheckSpec(
             test=test_t,
             interval_s=duration(svc.healthcheck.interval, 30.0),
@@ -465,10 +484,3 @@ def _mount(value: str, volumes: dict[str, VolumeSpec]) -> MountSpec:
     if source not in volumes:
         raise ValueError(f"volume '{source}' is not declared under top-level 'volumes'")
     return MountSpec(type="volume", source=source, target=target, read_only=mode == "ro")
-
-
-def as_dict(value: Any) -> Any:
-    """JSON-able form of a spec (for hashing and ``--json`` output)."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    return value

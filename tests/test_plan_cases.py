@@ -68,6 +68,7 @@ def load_case(path: Path) -> tuple[list[Action], list[dict[str, Any]]]:
     observed = Observed(
         containers=tuple(_container(c, base, i) for i, c in enumerate(obs.get("containers", []))),
         networks=tuple(obs.get("networks", [])),
+        owned_networks=tuple(obs.get("owned_networks", [])),
         images=obs.get("images", base["images"]),
     )
     policy = case.get("on_config_change", base["on_config_change"])

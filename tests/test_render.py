@@ -181,3 +181,27 @@ def test_prefix_and_ports_let_hosts_share_one_engine(repo: Path) -> None:
 def test_unknown_host(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", "--host", "neuromancer", "--repo", str(repo), "--out", str(tmp_path)]) == 1
     assert "no such host 'neuromancer' (hosts: armitage, motoko, wintermute)" in capsys.readouterr().err
+
+
+def test_seed_gemma_values_on_the_gateway_are_accepted(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The seed's own switch: model_hf_id on wintermute, display/hf_id kept on motoko."""
+    edit(repo / "hosts/wintermute.yaml", "  model_hf_id: meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ\n", "")
+    edit(
+        repo / "hosts/wintermute.yaml",
+        "# model_hf_id: google/gemma-2-9b-it-AWQ",
+        "model_hf_id: google/gemma-2-9b-it-AWQ",
+    )
+    edit(
+        repo / "hosts/motoko.yaml",
+        "embed_base_url:",
+        'wintermute_model_display: "openai/gemma-2-9b-it-awq"\n'
+        '  wintermute_model_hf_id: "google/gemma-2-9b-it-AWQ"\n  embed_base_url:',
+    )
+    assert main(["validate", "--repo", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert "wintermute_model_display uses the 'openai/' provider" in out  # a warning, with the reason
+    cfg = yaml.safe_load(render(repo, "motoko", tmp_path / "m")["config/config.yaml"])
+    reasoner = next(m for m in cfg["model_list"] if m["model_name"] == "local/reasoner")
+    assert reasoner["litellm_params"]["model"] == "hosted_vllm/google/gemma-2-9b-it-AWQ"
