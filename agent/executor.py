@@ -20,7 +20,7 @@ import json
 import secrets as pysecrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +87,9 @@ class Executor:
         on_event: Callable[[str], None] | None = None,
         stopping: Callable[[], bool] = lambda: False,
         reload_settle_s: float = 2.0,
+        start_retries: Mapping[str, int] | None = None,
     ) -> None:
+        self.start_retries = dict(start_retries or {})
         self.engine = engine
         self.stack_dir = stack_dir
         self.host = host
@@ -254,11 +256,18 @@ class Executor:
         return cid
 
     def _wait(self, spec: ServiceSpec, cid: str) -> None:
-        why = self.engine.wait_healthy(
-            cid, health_deadline(spec, self.health_cap_s), spec.healthcheck is not None, self.stopping
-        )
-        if why is not None:
-            raise ServiceFailed(why)
+        for attempt in range(self.start_retries.get(spec.name, 0) + 1):
+            if attempt:
+                self.say(f"{spec.name}: not healthy in time; restarting it (try {attempt + 1})")
+                self.engine.restart(cid)
+            why = self.engine.wait_healthy(
+                cid, health_deadline(spec, self.health_cap_s), spec.healthcheck is not None, self.stopping
+            )
+            if why is None:
+                return
+            if why.startswith(("exited", "the agent is stopping")):
+                break  # a crash is not a hang: no point restarting it
+        raise ServiceFailed(why or "not healthy")
 
     def _replace(self, stack: StackSpec, want: Desired, old: str) -> None:
         final = container_name(stack, want.spec.name)

@@ -223,7 +223,10 @@ def _pass(
             "push a change (or --retry) to try again"
         )
         return None
-    executor = Executor(engine, stack_dir, settings.host, commit, health_cap_s, say, stopping)
+    role = desired.roles[rendered.role].spec
+    executor = Executor(
+        engine, stack_dir, settings.host, commit, health_cap_s, say, stopping, start_retries=role.start_retries
+    )
     result.applied = executor.apply(stack, result.actions)
     if not result.applied.ok:
         result.error = result.applied.error

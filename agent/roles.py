@@ -59,6 +59,10 @@ class RoleSpec(Strict):
     #: service -> action when one of its mounted files changes: ``signal:SIGHUP`` (reload in
     #: place), ``restart`` or ``recreate``. Services not listed are restarted.
     on_config_change: dict[str, str] = Field(default_factory=dict)
+    #: service -> how many times a new container that misses its health deadline (without
+    #: exiting) is restarted before the rollout counts as failed. For servers known to hang
+    #: now and then on a cold start.
+    start_retries: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("on_config_change")
     @classmethod
