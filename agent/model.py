@@ -90,6 +90,9 @@ class Fleet(Strict):
     openai_strong_model: str = "gpt-4.1-mini"
     openai_cheap_model: str = "gpt-4o-mini"
     openai_budget_monthly_usd: float = Field(150, ge=0)
+    #: OpenAI-compatible endpoint for the openai/* aliases (a corporate proxy, Azure, a test
+    #: double); None: api.openai.com.
+    openai_api_base: str | None = None
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
 
 

@@ -195,6 +195,8 @@ def litellm_config(
         info: dict[str, Any] = {"id": f"{alias}@{b.name}"}
         if b.kind == "openai":
             params["api_key"] = "os.environ/OPENAI_API_KEY"
+            if fleet.openai_api_base:
+                params["api_base"] = fleet.openai_api_base
             info["disable_background_health_check"] = True
         else:
             params["api_base"] = b.api_base

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.dockerkit import fleet  # noqa: F401  (fixture for the Docker tests)
+from tests.proxykit import redis_port  # noqa: F401  (fixture for the proxy tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_IDENTITY = ROOT / "examples" / "demo-identity.txt"

@@ -6,6 +6,8 @@ overrides pointing at the fakes."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,39 +17,57 @@ import pytest
 from agent.cli import main
 from agent.secrets import EnvSecrets
 from agent.stack import parse_env_file
-from tests.proxykit import Proc, redis_port, start_fake, start_proxy  # noqa: F401
+from tests.proxykit import Proc, start_fake, start_proxy
 from tests.test_validate import edit
 
 pytestmark = pytest.mark.slow
 TOKEN = "mkt-test-bearer-token-0123456789"
 
 
-@pytest.fixture
-def proxy(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_port: int) -> Iterator[dict[str, Proc]]:  # noqa: F811
+def start_stack(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_port: int, openai: bool = False
+) -> dict[str, Proc]:
     procs = {
         "armitage": start_fake(tmp_path, "armitage", "Qwen/Qwen2.5-7B-Instruct-AWQ"),
         "wintermute": start_fake(tmp_path, "wintermute", "meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ"),
         "embed": start_fake(tmp_path, "embed", "BAAI/bge-base-en-v1.5"),
     }
-    try:
+    if openai:  # a stand-in for api.openai.com serving both paid models
+        procs["openai"] = start_fake(tmp_path, "openai", "gpt-4.1-mini", extra=["gpt-4o-mini"])
         edit(
-            repo / "hosts/motoko.yaml",
-            "  embed_base_url: http://motoko:8200/v1",
-            f"""  embed_base_url: http://127.0.0.1:{procs["embed"].port}/v1
+            repo / "fleet.yaml",
+            "openai_budget_monthly_usd: 150",
+            f"""openai_budget_monthly_usd: 0.000001
+openai_api_base: http://127.0.0.1:{procs["openai"].port}/v1""",
+        )
+    edit(
+        repo / "hosts/motoko.yaml",
+        "  embed_base_url: http://motoko:8200/v1",
+        f"""  embed_base_url: http://127.0.0.1:{procs["embed"].port}/v1
   armitage_base_url: http://127.0.0.1:{procs["armitage"].port}/v1
   wintermute_base_url: http://127.0.0.1:{procs["wintermute"].port}/v1""",
-        )
-        monkeypatch.setenv(EnvSecrets.var("litellm_bearer_token"), TOKEN)
-        monkeypatch.setenv(EnvSecrets.var("openai_api_key"), "sk-test-not-used")
-        out = tmp_path / "rendered"
-        assert main(["render", "--host", "motoko", "--repo", str(repo), "--out", str(out), "--reveal-secrets"]) == 0
-        env = parse_env_file((out / "litellm.env").read_text())
-        env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_port))  # in the stack: the redis service
+    )
+    monkeypatch.setenv(EnvSecrets.var("litellm_bearer_token"), TOKEN)
+    monkeypatch.setenv(EnvSecrets.var("openai_api_key"), "sk-test-not-used")
+    out = tmp_path / "rendered"
+    assert main(["render", "--host", "motoko", "--repo", str(repo), "--out", str(out), "--reveal-secrets"]) == 0
+    env = parse_env_file((out / "litellm.env").read_text())
+    env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_port))  # in the stack: the redis service
+    try:
         procs["proxy"] = start_proxy(tmp_path, out / "config" / "config.yaml", env)
-        yield procs
-    finally:
+    except BaseException:
         for p in procs.values():
             p.stop()
+        raise
+    return procs
+
+
+@pytest.fixture
+def proxy(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_port: int) -> Iterator[dict[str, Proc]]:
+    procs = start_stack(repo, tmp_path, monkeypatch, redis_port)
+    yield procs
+    for p in procs.values():
+        p.stop()
 
 
 def chat(port: int, model: str, text: str = "Hello!", token: str = TOKEN) -> httpx.Response:
@@ -97,3 +117,32 @@ def test_fallback_chain_when_armitage_is_down(proxy: dict[str, Proc]) -> None:
     r = chat(proxy["proxy"].port, "local/chat")
     assert r.status_code == 200, r.text
     assert "wintermute" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_spent_budget_moves_openai_aliases_to_local_chat(
+    repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_port: int,
+) -> None:
+    """Rule 5: past the monthly budget, openai/* is served by local/chat (here the budget is
+    a millionth of a dollar, so the first paid answer spends it)."""
+    subprocess.run(["redis-cli", "-p", str(redis_port), "flushall"], check=True, capture_output=True)
+    procs = start_stack(repo, tmp_path, monkeypatch, redis_port, openai=True)
+    try:
+        port = procs["proxy"].port
+        first = chat(port, "openai/strong")
+        assert first.status_code == 200, first.text
+        assert "openai" in first.json()["choices"][0]["message"]["content"]
+        answered_by = ""
+        for _ in range(20):  # the spend is booked asynchronously after the response
+            r = chat(port, "openai/strong")
+            assert r.status_code == 200, r.text
+            answered_by = r.json()["choices"][0]["message"]["content"]
+            if "armitage" in answered_by:
+                break
+            time.sleep(0.5)
+        assert "armitage" in answered_by, answered_by
+    finally:
+        for p in procs.values():
+            p.stop()
