@@ -14,11 +14,12 @@ import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    import httpx
 
 MAX_BODY = 64 * 1024
 
@@ -119,6 +120,8 @@ class ControlClient:
         self.timeout = timeout
 
     def _request(self, method: str, route: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        import httpx  # the client side only: the daemon never pays for importing it
+
         if not self.path.exists():
             raise NotRunning(f"agent not running (no control socket at {self.path})")
         try:

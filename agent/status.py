@@ -1,4 +1,4 @@
-"""``agent status`` for people (a rich table) and its exit code (0 healthy, 1 degraded, 3 not
+"""``agent status`` for people (a plain table) and its exit code (0 healthy, 1 degraded, 3 not
 running). The ``--json`` form is the daemon's status document as it is."""
 
 from __future__ import annotations
@@ -36,37 +36,43 @@ def _ago(ts: float | None) -> str:
     return f"{s}s ago" if s < 120 else f"{s // 60}m ago"
 
 
-def show(status: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return ["  " + fmt.format(*headers).rstrip(), *("  " + fmt.format(*r).rstrip() for r in rows)]
 
-    console = Console()
-    state = "running" if status.get("running") else "NOT RUNNING"
-    health = {0: "[green]healthy[/]", 1: "[yellow]degraded[/]", 3: "[red]not running[/]"}[exit_code(status)]
-    console.print(
-        f"[bold]agent[/] on [bold]{status.get('host')}[/] (role {status.get('role') or '?'}): {state}, {health}"
-    )
+
+def show(status: dict[str, Any]) -> None:
+    """Plain text (no rich: structlog imports it when present, which costs the daemon 6 MiB)."""
+    code = exit_code(status)
+    health = {0: "healthy", 1: "DEGRADED", 3: "NOT RUNNING"}[code]
+    lines = [f"agent on {status.get('host')} (role {status.get('role') or '?'}): {health}"]
     if status.get("not_running"):
-        console.print(f"  {status['not_running']}")
-    console.print(f"  applied commit: {(status.get('applied_commit') or 'none')[:12]}")
+        lines.append(f"  {status['not_running']}")
+    lines.append(f"  applied commit: {(status.get('applied_commit') or 'none')[:12]}")
     if status.get("source"):
-        console.print(
+        lines.append(
             f"  desired state:  {status['source'].get('repo')} at {(status.get('desired_commit') or '?')[:12]}"
         )
     last = status.get("last_run")
     if last:
-        console.print(f"  last run:       {last.get('result')} {_ago(last.get('time'))} (run {last.get('run_id')})")
-    for line in problems(status):
-        console.print(f"  [yellow]! {line}[/]")
+        lines.append(f"  last run:       {last.get('result')} {_ago(last.get('time'))} (run {last.get('run_id')})")
+    lines += [f"  ! {line}" for line in problems(status)]
     services = status.get("services") or {}
     if services:
-        table = Table("service", "container", "state", "health", box=None, pad_edge=False)
-        for name, svc in sorted(services.items()):
-            table.add_row(name, svc.get("container") or "-", svc.get("state") or "-", svc.get("health") or "-")
-        console.print(table)
+        lines.append("")
+        lines += _table(
+            ("SERVICE", "CONTAINER", "STATE", "HEALTH"),
+            [
+                (n, s.get("container") or "-", s.get("state") or "-", s.get("health") or "-")
+                for n, s in sorted(services.items())
+            ],
+        )
     routing = status.get("routing") or {}
     if routing:
-        table = Table("alias", "served by", "why", box=None, pad_edge=False)
-        for alias, r in sorted(routing.items()):
-            table.add_row(alias, r.get("backend", "-"), r.get("reason", ""))
-        console.print(table)
+        lines.append("")
+        lines += _table(
+            ("ALIAS", "SERVED BY", "WHY"),
+            [(a, r.get("backend", "-"), r.get("reason", "")) for a, r in sorted(routing.items())],
+        )
+    print("\n".join(lines))
