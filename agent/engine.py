@@ -10,8 +10,9 @@ this boundary onto our own tree (a test pins that none escapes):
         ├── ImageUnavailable    an image is neither present nor pullable
         └── NotFound            the container/network it named is gone
 
-Observation costs three API calls whatever the number of services: one container list, one
-network list, one image list (engine API 1.41, see shared/notes/docker.md).
+Observation costs a container list, a network list and one image inspect per distinct image,
+whatever the number of services: three calls for a single-image stack (engine API 1.41, see
+shared/notes/docker.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What is actually running, in our own types: the planner's input from the Docker adapter.
 
-Filled by the Docker adapter from at most three API calls (containers by label, networks,
-one inspect per distinct image); the planner never sees a docker object.
+Filled by the Docker adapter from a container list, a network list and one inspect per
+distinct image; the planner never sees a docker object.
 """
 
 from __future__ import annotations
