@@ -8,6 +8,7 @@ changes (or with ``retry_quarantined``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import secrets as pysecrets
@@ -129,23 +130,8 @@ def reconcile_once(
     resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file, on_secret)
     applied_fp: str | None = None
     try:
-        if dry_run:
-            _pass(
-                settings,
-                engine,
-                repo,
-                commit,
-                store,
-                resolver,
-                result,
-                True,
-                retry_quarantined,
-                health_cap_s,
-                say,
-                stopping,
-            )
-            return result
-        with pass_lock(settings.state_dir):
+        # A dry run takes no lock: it must not wait for, or block, a real pass.
+        with contextlib.nullcontext() if dry_run else pass_lock(settings.state_dir):
             applied_fp = _pass(
                 settings,
                 engine,
@@ -154,7 +140,7 @@ def reconcile_once(
                 store,
                 resolver,
                 result,
-                False,
+                dry_run,
                 retry_quarantined,
                 health_cap_s,
                 say,
