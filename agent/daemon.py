@@ -312,7 +312,7 @@ class Daemon:
                 "actions": [a.as_dict() for a in self.last.actions if a.kind != "noop"],
             }
             out["role"] = self.last.role or out.get("role")
-            out["services"] = self.services
+            out["services"] = service_list(self.services)
             if self.last.role == "motoko":
                 out["routing"] = self.last.routing
                 out["fleet"] = {}
@@ -345,6 +345,11 @@ class Daemon:
         return "\n".join(lines) + "\n"
 
 
+def service_list(services: dict[str, Any]) -> list[dict[str, Any]]:
+    """The contract's form: one entry per service with its name, container id, state, health."""
+    return [{"name": name, **info} for name, info in sorted(services.items())]
+
+
 def set_pause(store: StateStore, reason: str | None) -> None:
     """Pause (with a reason) or resume; persisted, so it holds across restarts."""
 
@@ -375,7 +380,7 @@ def status_from_state(settings: Settings, state: AgentState) -> dict[str, Any]:
         ),
         "paused": {"reason": state.paused.reason, "at": state.paused.at} if state.paused else None,
         "quarantined": {fp: q.model_dump() for fp, q in state.quarantine.items()},
-        "services": state.services,
+        "services": service_list(state.services),
     }
 
 

@@ -17,7 +17,8 @@ def problems(status: dict[str, Any]) -> list[str]:
     source = status.get("source") or {}
     if source.get("error"):
         out.append(f"desired-state source: {source['error']}")
-    for name, svc in (status.get("services") or {}).items():
+    for svc in status.get("services") or []:
+        name = svc.get("name")
         if svc.get("state") != "running" or svc.get("health") == "unhealthy":
             out.append(f"service {name}: {svc.get('state')}{' (' + svc['health'] + ')' if svc.get('health') else ''}")
     return out
@@ -58,15 +59,12 @@ def show(status: dict[str, Any]) -> None:
     if last:
         lines.append(f"  last run:       {last.get('result')} {_ago(last.get('time'))} (run {last.get('run_id')})")
     lines += [f"  ! {line}" for line in problems(status)]
-    services = status.get("services") or {}
+    services = status.get("services") or []
     if services:
         lines.append("")
         lines += _table(
             ("SERVICE", "CONTAINER", "STATE", "HEALTH"),
-            [
-                (n, s.get("container") or "-", s.get("state") or "-", s.get("health") or "-")
-                for n, s in sorted(services.items())
-            ],
+            [(s["name"], s.get("container") or "-", s.get("state") or "-", s.get("health") or "-") for s in services],
         )
     routing = status.get("routing") or {}
     if routing:

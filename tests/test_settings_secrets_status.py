@@ -80,13 +80,13 @@ def test_secret_encrypt_refuses_bad_input(
             {
                 "running": True,
                 "last_run": {"result": "converged"},
-                "services": {"vllm": {"state": "running", "health": "healthy"}},
+                "services": [{"name": "vllm", "state": "running", "health": "healthy"}],
             },
             0,
         ),
         ({"running": True, "last_run": {"result": "failed", "error": "x"}}, 1),
         ({"running": True, "last_run": {"result": "converged"}, "paused": {"reason": "r"}}, 1),
-        ({"running": True, "last_run": {"result": "converged"}, "services": {"vllm": {"state": "exited"}}}, 1),
+        ({"running": True, "last_run": {"result": "converged"}, "services": [{"name": "vllm", "state": "exited"}]}, 1),
         ({"running": True, "last_run": {"result": "converged"}, "source": {"error": "unreachable"}}, 1),
     ],
 )
