@@ -54,6 +54,8 @@ class Source(Protocol):
 
     def current(self, last_good: str | None) -> tuple[str, Path, str | None]: ...
 
+    def snapshot_of(self, commit: str) -> Path | None: ...
+
 
 class DirectorySource:
     """A plain directory, read as it is (local runs, the shipped example)."""
@@ -64,6 +66,9 @@ class DirectorySource:
 
     def current(self, last_good: str | None) -> tuple[str, Path, str | None]:
         return repo_commit(self.path), self.path, None
+
+    def snapshot_of(self, commit: str) -> Path | None:
+        return None  # a directory changes in place: there is no older version to go back to
 
 
 class GitDesiredSource:
@@ -82,6 +87,9 @@ class GitDesiredSource:
             gpg_home=settings.gpg_home,
         )
         self.description = f"{redact(settings.repo)}#{settings.branch}"
+
+    def snapshot_of(self, commit: str) -> Path | None:
+        return self.git.snapshot(commit).path
 
     def current(self, last_good: str | None) -> tuple[str, Path, str | None]:
         """The commit to reconcile, its snapshot, and a source problem to report (if any)."""
@@ -247,6 +255,8 @@ class Daemon:
         )
         if result.error:
             result.error = self.redactor.scrub(result.error)
+            if result.applied is None and last_good and last_good != commit:
+                self._heal_last_good(last_good)
         done = [o for o in (result.applied.outcomes if result.applied else []) if o.ok and o.action.kind in MUTATING]
         if done:
             elapsed = time.monotonic() - t0
@@ -269,6 +279,33 @@ class Daemon:
             log.info("pass done", commit=short, result=result.result, changes=len(done))
             self.notifier.status(f"converged at {short}" + (" (remote unreachable)" if self.source_error else ""))
         return result
+
+    def _heal_last_good(self, last_good: str) -> None:
+        """The branch head cannot be applied (bad or quarantined commit): keep the host as the
+        last good commit says (a removed or stopped container comes back). Not recorded as a
+        run: status keeps showing why the head is not applied."""
+        try:
+            path = self.source.snapshot_of(last_good)
+            if path is None or self._engine is None:
+                return
+            healed = reconcile_once(
+                self.settings,
+                self._engine,
+                repo=path,
+                commit=last_good,
+                health_cap_s=self.settings.health_timeout,
+                say=log.info,
+                on_secret=self.redactor.add,
+                stopping=self.stop_event.is_set,
+                record=False,
+            )
+        except AgentError as exc:
+            log.warning("could not heal on the last good commit", error=self.redactor.scrub(str(exc)))
+            return
+        fixed = [o for o in (healed.applied.outcomes if healed.applied else []) if o.ok and o.action.kind in MUTATING]
+        if fixed:
+            self.metrics_data["drift_corrections"] += len(fixed)
+            log.info("drift healed on the last good commit", commit=last_good[:12], changes=len(fixed))
 
     def _count(self, result: PassResult) -> None:
         if result.result == "converged":

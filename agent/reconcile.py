@@ -118,8 +118,11 @@ def reconcile_once(
     on_secret: Callable[[str], None] | None = None,
     run_id: str | None = None,
     stopping: Callable[[], bool] = lambda: False,
+    record: bool = True,
 ) -> PassResult:
-    """One pass. A dry run (``agent plan``) reads only: it records nothing and writes nothing."""
+    """One pass. A dry run (``agent plan``) reads only: it records nothing and writes nothing.
+    ``record=False`` applies without recording the run (the daemon healing on its last good
+    commit while the branch head is refused)."""
     repo = repo or Path(settings.repo)
     commit = commit or repo_commit(repo)
     result = PassResult(host=settings.host, commit=commit)
@@ -152,7 +155,7 @@ def reconcile_once(
         result.error = f"{exc.filename or 'state dir'}: {exc.strerror}"
     if result.error:
         result.error = _scrub(result.error, resolver.known_values())
-    if not dry_run:
+    if record and not dry_run:
         _record(store, result, applied_fp)
     return result
 
