@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("name")
     enc.add_argument("--repo", help="desired-state repository (default ./desired_state)")
     enc.add_argument("--recipients", type=Path, help="public keys, one per line (default secrets/recipients.txt)")
+    # `agent run --config FILE` (as agent.service runs it) as well as `agent --config FILE run`.
+    for sp in (*sub.choices.values(), *scs.choices.values()):
+        sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent TOML config")
     return p
 
 

@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import secrets as pysecrets
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def repo_commit(repo: Path) -> str:
         return "local"
 
 
-@contextmanager
+@contextlib.contextmanager
 def pass_lock(state_dir: Path) -> Iterator[None]:
     """One pass at a time per host; released by the kernel if the process dies."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

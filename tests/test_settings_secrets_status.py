@@ -24,6 +24,15 @@ def test_toml_then_environment_then_flags(tmp_path: Path) -> None:
     assert s.socket_path == Path("/var/lib/llm-agent/agent.sock")
 
 
+def test_config_flag_after_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """agent.service runs `agent run --config FILE`."""
+    assert main(["run", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert "configuration file not found" in capsys.readouterr().err
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n')
+    assert main(["status", "--config", str(cfg)]) == 3  # read from that file: nothing runs there
+
+
 def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text('hots = "typo"\n')

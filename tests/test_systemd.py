@@ -97,6 +97,15 @@ def test_unit_contents() -> None:
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def test_exec_start_is_a_valid_agent_command_line() -> None:
+    """What the unit runs parses as an `agent` command (the daemon, with its config file)."""
+    from agent.cli import _parser
+
+    argv = parse_unit(UNIT.read_text())["Service"]["ExecStart"][0].split()[1:]
+    args = _parser().parse_args(argv)
+    assert args.command == "run" and str(args.config) == "/etc/llm-agent/agent.toml"
+
+
 # --------------------------------------------------------------------------- sd_notify
 
 
