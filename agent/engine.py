@@ -18,6 +18,7 @@ shared/notes/docker.md).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import PurePosixPath
@@ -91,9 +92,13 @@ class Engine:
 
     def __init__(self, api: Any | None = None, base_url: str | None = None) -> None:
         if api is None:
-            with _mapped("connect"):
-                # Let the SDK negotiate: the engine here is 20.10 (API 1.41).
-                api = docker.APIClient(base_url=base_url or "unix:///var/run/docker.sock", version="auto", timeout=60)
+            url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+            try:
+                with _mapped("connect"):
+                    # Let the SDK negotiate: the engine here is 20.10 (API 1.41).
+                    api = docker.APIClient(base_url=url, version="auto", timeout=60)
+            except EngineError:
+                raise EngineUnavailable(f"Docker engine not reachable at {url} (is dockerd running?)") from None
         self.api = api
 
     def close(self) -> None:
