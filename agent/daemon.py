@@ -102,7 +102,13 @@ class GitDesiredSource:
                 raise
             # The remote is unreachable: stay on (and keep healing) the last good commit.
             return last_good, self.git.snapshot(last_good).path, str(exc)
-        snap = self.git.snapshot(sha)  # UnsignedCommit propagates: that commit is refused
+        try:
+            snap = self.git.snapshot(sha)
+        except SourceError as exc:  # an unsigned head, or one that cannot be exported
+            if last_good is None or last_good == sha:
+                raise
+            # Refused: stay on (and keep healing) the last good commit; report why.
+            return last_good, self.git.snapshot(last_good).path, f"commit {sha[:12]} refused: {exc}"
         if last_good:
             self.git.prune({sha, last_good})
         return sha, snap.path, None
@@ -255,7 +261,10 @@ class Daemon:
         )
         if result.error:
             result.error = self.redactor.scrub(result.error)
-            if result.applied is None and last_good and last_good != commit:
+            changed_nothing = result.applied is None or not any(
+                o.ok and o.action.kind in MUTATING for o in result.applied.outcomes
+            )
+            if changed_nothing and last_good and last_good != commit:
                 self._heal_last_good(last_good)
         done = [o for o in (result.applied.outcomes if result.applied else []) if o.ok and o.action.kind in MUTATING]
         if done:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -130,7 +132,11 @@ class Engine:
             # By name (the engine matches substrings; compared exactly below): a network of
             # ours that lost its labels still counts as existing.
             nets = self.api.networks(filters={"name": f"{project}_"})
-        ours = [n for n in nets if str(n["Name"]).startswith(f"{project}_")]
+        ours = [
+            n
+            for n in nets
+            if str(n["Name"]).startswith(f"{project}_") and (n.get("Labels") or {}).get(L.PROJECT, project) == project
+        ]
         return Observed(
             containers=tuple(containers),
             networks=tuple(sorted(n["Name"] for n in ours)),
@@ -271,7 +277,8 @@ class Engine:
         with _mapped(f"start {cid[:12]}"):
             self.api.start(cid)
 
-    def stop(self, cid: str, timeout: int = 10) -> None:
+    def stop(self, cid: str, timeout: int | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s (None: the container's own stop timeout)."""
         with _mapped(f"stop {cid[:12]}"):
             self.api.stop(cid, timeout=timeout)
 
@@ -287,11 +294,11 @@ class Engine:
         with _mapped(f"rename {cid[:12]} to {name}"):
             self.api.rename(cid, name)
 
-    def remove(self, cid: str, grace_s: int | None = None) -> None:
-        """Remove a container; with ``grace_s`` it is stopped gracefully first (SIGTERM, then
-        SIGKILL after the grace period), never killed outright with its data mid-write."""
+    def remove(self, cid: str, grace_s: int | None = None, graceful: bool = False) -> None:
+        """Remove a container. With ``grace_s`` (or ``graceful``: the container's own stop
+        timeout) it is stopped first, never killed outright with its data mid-write."""
         try:
-            if grace_s is not None:
+            if grace_s is not None or graceful:
                 self.stop(cid, timeout=grace_s)
             with _mapped(f"remove {cid[:12]}"):
                 self.api.remove_container(cid, force=True, v=False)
@@ -304,6 +311,15 @@ class Engine:
             st = self.api.inspect_container(cid)["State"]
         health = (st.get("Health") or {}).get("Status")
         return str(st.get("Status")), health, int(st.get("ExitCode") or 0)
+
+    def probe_passed_since(self, cid: str, since: float) -> bool:
+        """Whether a healthcheck probe that started at or after ``since`` (epoch s) passed."""
+        with _mapped(f"inspect {cid[:12]}"):
+            health = self.api.inspect_container(cid)["State"].get("Health") or {}
+        for entry in health.get("Log") or []:
+            if entry.get("ExitCode") == 0 and _epoch(str(entry.get("Start", ""))) >= since:
+                return True
+        return False
 
     def logs_tail(self, cid: str, lines: int = 5) -> str:
         try:
@@ -326,7 +342,7 @@ class Engine:
         end = time.monotonic() + deadline_s
         while True:
             if stopping():
-                return "the agent is stopping; rollout abandoned"
+                return "the agent is stopping: rollout abandoned"
             status, health, code = self.state(cid)
             if status in ("exited", "dead", "restarting"):
                 tail = self.logs_tail(cid)
@@ -343,6 +359,15 @@ class Engine:
             if time.monotonic() >= end:
                 return f"not healthy within {deadline_s:.0f}s (status {status}, health {health})"
             sleep(0.25)
+
+
+def _epoch(stamp: str) -> float:
+    """Docker's RFC 3339 time with nanoseconds, as epoch seconds (0 if unreadable)."""
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", stamp)
+    if not match:
+        return 0.0
+    base = datetime.fromisoformat(match[1] + (match[3] if match[3] != "Z" else "+00:00"))
+    return base.timestamp() + float(match[2] or 0)
 
 
 def _bind(kind: str, source: str, target: str, read_only: bool, stack: StackSpec, stack_dir: str) -> str:

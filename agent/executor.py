@@ -37,6 +37,7 @@ from agent.stack import ServiceSpec, StackSpec
 log = structlog.get_logger("agent.executor")
 
 MAX_WORKERS = 8
+STOPPING = "the agent is stopping"
 
 
 @dataclass
@@ -64,9 +65,11 @@ class ApplyResult:
 
 
 class ServiceFailed(Exception):
-    def __init__(self, message: str, rolled_back: bool = False) -> None:
+    def __init__(self, message: str, rolled_back: bool = False, aborted: bool = False) -> None:
         super().__init__(message)
         self.rolled_back = rolled_back
+        #: the agent was stopping: not the new version's fault, so not quarantined
+        self.aborted = aborted
 
 
 def health_deadline(spec: ServiceSpec, cap: float | None) -> float:
@@ -128,8 +131,9 @@ class Executor:
                 return result
 
         # 2. Files (kept to put back on failure), networks.
-        self._previous = self._write_files(stack)
+        self._previous = {}
         try:
+            self._write_files(stack)
             for action in actions:
                 if action.kind == "create_network":
                     net = next(n for n in stack.networks.values() if network_name(stack, n.name) == action.target)
@@ -165,10 +169,14 @@ class Executor:
                 for s in todo:
                     try:
                         result.outcomes.extend(futures[s].result())
+                    except EngineError as exc:
+                        failed = True
+                        result.outcomes.append(Outcome(by_service[s][-1], False, str(exc)))
+                        result.error = result.error or f"service '{s}': {exc}"
                     except ServiceFailed as exc:
                         failed = True
                         result.rolled_back = result.rolled_back or exc.rolled_back
-                        result.rollout_failed = True
+                        result.rollout_failed = result.rollout_failed or not exc.aborted
                         result.outcomes.append(Outcome(by_service[s][-1], False, str(exc)))
                         result.error = result.error or f"service '{s}': {exc}"
                 if failed:
@@ -179,7 +187,7 @@ class Executor:
                 for action in actions:
                     if action.kind == "remove" and action.target not in stack.services and action.container:
                         self.say(f"removing orphan {action.target}")
-                        self.engine.remove(action.container, grace_s=10)
+                        self.engine.remove(action.container, graceful=True)
                         result.outcomes.append(Outcome(action, True))
                 for action in actions:
                     if action.kind == "remove_network":
@@ -202,7 +210,7 @@ class Executor:
         for action in actions:
             if action.kind == "remove" and action.container:
                 self.say(f"{name}: removing {action.reason}")
-                self.engine.remove(action.container)
+                self.engine.remove(action.container, grace_s=_grace(want))
             elif action.kind == "create":
                 self.say(f"{name}: creating")
                 self._create_and_wait(stack, want, container_name(stack, name))
@@ -216,11 +224,7 @@ class Executor:
                 if action.changed:  # started on new mounted files
                     record_files(self.stack_dir, action.container, want)
             elif action.kind == "restart" and action.container:
-                self.say(f"{name}: restarting ({action.reason})")
-                self.engine.restart(action.container)
-                self._wait(want.spec, action.container)
-                # Labels cannot change on a live container: remember the files it now runs with.
-                record_files(self.stack_dir, action.container, want)
+                self._restart(want, action.container, action.reason)
             elif action.kind == "reload" and action.container and action.signal:
                 self._reload(want, action.container, action.signal, action.reason)
             outcomes.append(Outcome(action, True))
@@ -229,21 +233,53 @@ class Executor:
     def _labels(self, stack: StackSpec, want: Desired) -> dict[str, str]:
         return {**container_labels(stack, want, self.host, self.commit), L.WORKING_DIR: str(self.stack_dir)}
 
+    def _restart(self, want: Desired, cid: str, reason: str) -> None:
+        """Restart on new mounted files; if it does not come back, restart it on the old ones."""
+        self.say(f"{want.spec.name}: restarting ({reason})")
+        self.engine.restart(cid, timeout=_grace(want))
+        try:
+            self._wait(want.spec, cid)
+        except ServiceFailed as exc:
+            if exc.aborted:
+                raise
+            self._restore_files(self._previous, only=want)
+            self.engine.restart(cid, timeout=_grace(want))
+            raise ServiceFailed(f"restart on the new files failed ({exc}); restarted on the old files", True) from None
+        # Labels cannot change on a live container: remember the files it now runs with.
+        record_files(self.stack_dir, cid, want)
+
     def _reload(self, want: Desired, cid: str, sig: str, reason: str) -> None:
-        """Signal, then make sure the service survived it; if not, put the old files back."""
+        """Signal, then make sure the service survived it: still running and, with a
+        healthcheck, a probe that started after the signal passed. If not, old files back."""
         self.say(f"{want.spec.name}: sending {sig} ({reason})")
+        sent = time.time()
         self.engine.signal(cid, sig)
-        time.sleep(self.reload_settle_s)
-        status, health, code = self.engine.state(cid)
-        if status == "running" and health != "unhealthy":
+        why = self._verify_reload(want, cid, sent)
+        if why is None:
             record_files(self.stack_dir, cid, want)
             return
-        self._restore_files(self._previous)
+        self._restore_files(self._previous, only=want)
         try:
-            self.engine.restart(cid)
+            self.engine.restart(cid, timeout=_grace(want))
         except EngineError as exc:
-            raise ServiceFailed(f"reload with {sig} failed ({status}, exit {code}) and restart failed: {exc}") from None
-        raise ServiceFailed(f"reload with {sig} failed ({status}, exit {code}); old files restored, restarted", True)
+            raise ServiceFailed(f"reload with {sig} failed ({why}) and restart failed: {exc}") from None
+        raise ServiceFailed(f"reload with {sig} failed ({why}); old files restored, restarted", True)
+
+    def _verify_reload(self, want: Desired, cid: str, sent: float) -> str | None:
+        hc = want.spec.healthcheck
+        end = time.monotonic() + (self.reload_settle_s if hc is None else health_deadline(want.spec, self.health_cap_s))
+        time.sleep(min(self.reload_settle_s, 0.5))
+        while True:
+            status, _health, code = self.engine.state(cid)
+            if status != "running":
+                return f"{status}, exit {code}"
+            if hc is not None and self.engine.probe_passed_since(cid, sent):
+                return None
+            if time.monotonic() >= end:
+                return None if hc is None else "no passing healthcheck after the signal"
+            if self.stopping():
+                return None  # shutting down: leave it be; the next start checks again
+            time.sleep(0.25)
 
     def _create_and_wait(self, stack: StackSpec, want: Desired, name: str) -> str:
         cid = self.engine.create(stack, want.spec, name, self._labels(stack, want), str(self.stack_dir))
@@ -265,14 +301,16 @@ class Executor:
             )
             if why is None:
                 return
-            if why.startswith(("exited", "the agent is stopping")):
+            if why.startswith(STOPPING):
+                raise ServiceFailed(why, aborted=True)
+            if why.startswith("exited"):
                 break  # a crash is not a hang: no point restarting it
         raise ServiceFailed(why or "not healthy")
 
     def _replace(self, stack: StackSpec, want: Desired, old: str) -> None:
         final = container_name(stack, want.spec.name)
         suffix = pysecrets.token_hex(3)
-        grace = int(want.spec.stop_grace_period_s or 10)
+        grace = _grace(want)
         new = self.engine.create(
             stack, want.spec, f"{final}-new-{suffix}", self._labels(stack, want), str(self.stack_dir)
         )
@@ -282,9 +320,12 @@ class Executor:
             try:
                 self.engine.start(new)
                 self._wait(want.spec, new)
-            except (ServiceFailed, EngineError) as exc:
+            except Exception as exc:
                 self.engine.remove(new)
-                raise ServiceFailed(f"new container failed ({exc}); rolled back, old container kept", True) from None
+                aborted = isinstance(exc, ServiceFailed) and exc.aborted
+                raise ServiceFailed(
+                    f"new container failed ({exc}); rolled back, old container kept", True, aborted
+                ) from None
             self.engine.remove(old, grace_s=grace)
             self.engine.rename(new, final)
             return
@@ -296,17 +337,17 @@ class Executor:
             self.engine.rename(new, final)
             self.engine.start(new)
             self._wait(want.spec, new)
-        except (ServiceFailed, EngineError) as exc:
-            self._roll_back(new, old, final, exc)
+        except Exception as exc:  # whatever went wrong, the old container comes back
+            self._roll_back(new, old, final, exc, want)
         self.engine.remove(old)
 
-    def _roll_back(self, new: str, old: str, final: str, why: Exception) -> None:
+    def _roll_back(self, new: str, old: str, final: str, why: Exception, want: Desired) -> None:
         """Bring the old container back under its name, on the old files. Each step is tried
         even if an earlier one failed; the failure says plainly if the old one is not back."""
         problems = []
         steps: list[Callable[[], None]] = [
             lambda: self.engine.remove(new),
-            lambda: self._restore_files(self._previous),
+            lambda: self._restore_files(self._previous, only=want),
             lambda: self.engine.rename(old, final),
             lambda: self.engine.start(old),
         ]
@@ -321,27 +362,41 @@ class Executor:
                 + "; ".join(problems),
                 True,
             ) from None
-        raise ServiceFailed(f"new container failed ({why}); rolled back, old container restarted", True) from None
+        aborted = isinstance(why, ServiceFailed) and why.aborted
+        raise ServiceFailed(
+            f"new container failed ({why}); rolled back, old container restarted", True, aborted
+        ) from None
 
     # ------------------------------------------------------------------ files
 
-    def _write_files(self, stack: StackSpec) -> dict[Path, tuple[bytes, int] | None]:
-        previous: dict[Path, tuple[bytes, int] | None] = {}
+    def _write_files(self, stack: StackSpec) -> None:
+        """Write the stack's files, remembering each one's previous content *before* it is
+        replaced, so a failure half-way still puts back exactly what was there."""
         self.stack_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for f in stack.files.values():
             path = self.stack_dir / f.path
-            previous[path] = (path.read_bytes(), path.stat().st_mode & 0o777) if path.is_file() else None
-            if previous[path] is not None and previous[path] == (f.content.encode(), f.mode):
+            old = (path.read_bytes(), path.stat().st_mode & 0o777) if path.is_file() else None
+            if old == (f.content.encode(), f.mode):
                 continue
+            self._previous[path] = old
             write_atomic(path, f.content.encode(), f.mode)
-        return previous
 
-    def _restore_files(self, previous: dict[Path, tuple[bytes, int] | None]) -> None:
+    def _restore_files(self, previous: dict[Path, tuple[bytes, int] | None], only: Desired | None = None) -> None:
+        """Put files back; with ``only``, just the files that service mounts (a worker
+        rolling back one service must not rewrite its siblings' files under them)."""
+        mine = {self.stack_dir / p for p in only.files} if only is not None else None
         for path, old in previous.items():
+            if mine is not None and path not in mine:
+                continue
             if old is None:
                 path.unlink(missing_ok=True)
             else:
                 write_atomic(path, old[0], old[1])
+
+
+def _grace(want: Desired) -> int:
+    """Seconds a container gets between SIGTERM and SIGKILL (compose's stop_grace_period)."""
+    return int(want.spec.stop_grace_period_s or 10)
 
 
 RELOADS = ".reloads.json"

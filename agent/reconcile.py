@@ -154,6 +154,9 @@ def reconcile_once(
         result.error = f"{exc.filename or 'state dir'}: {exc.strerror}"
     if result.error:
         result.error = _scrub(result.error, resolver.known_values())
+    if result.applied is not None:  # container log lines quoted in outcomes, too
+        for outcome in result.applied.outcomes:
+            outcome.detail = _scrub(outcome.detail, resolver.known_values())
     if record and not dry_run:
         _record(store, result, applied_fp)
     return result
@@ -227,7 +230,8 @@ def _pass(
     # Verify: observe again; converged means nothing is left to do.
     observed = look()
     result.services = _services(stack, observed)
-    after = plan(stack, observed, policy)
+    # A network still in use by someone else is left (and retried next pass), not a failure.
+    after = [a for a in plan(stack, observed, policy) if a.kind != "remove_network"]
     if pending(after):
         result.error = "did not converge: " + "; ".join(str(a) for a in after if a.kind != "noop")
         return None

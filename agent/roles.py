@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -62,7 +62,7 @@ class RoleSpec(Strict):
     #: service -> how many times a new container that misses its health deadline (without
     #: exiting) is restarted before the rollout counts as failed. For servers known to hang
     #: now and then on a cold start.
-    start_retries: dict[str, int] = Field(default_factory=dict)
+    start_retries: dict[str, Annotated[int, Field(ge=0, le=5)]] = Field(default_factory=dict)
 
     @field_validator("on_config_change")
     @classmethod
