@@ -32,6 +32,7 @@ from agent.engine import Engine, EngineError
 from agent.fsutil import write_atomic
 from agent.observed import Observed
 from agent.plan import Action, Desired, container_labels, container_name, desired_service, network_name
+from agent.spechash import canonical_json
 from agent.stack import ServiceSpec, StackSpec
 
 log = structlog.get_logger("agent.executor")
@@ -103,7 +104,10 @@ class Executor:
         self.reload_settle_s = reload_settle_s
         self._previous: dict[Path, tuple[bytes, int] | None] = {}
 
-    def apply(self, stack: StackSpec, actions: list[Action]) -> ApplyResult:
+    def apply(
+        self, stack: StackSpec, actions: list[Action], known_images: dict[str, str | None] | None = None
+    ) -> ApplyResult:
+        """Carry out ``actions``; ``known_images`` are the image ids the pass observed."""
         result = ApplyResult()
         conflicts = [a for a in actions if a.kind == "conflict"]
         if conflicts:
@@ -112,7 +116,7 @@ class Executor:
             return result
 
         # 1. Images, before anything running is touched.
-        image_ids: dict[str, str | None] = {}
+        image_ids: dict[str, str | None] = {k: v for k, v in (known_images or {}).items() if v}
         for action in actions:
             if action.kind == "pull":
                 self.say(f"pulling {action.target}")
@@ -433,7 +437,7 @@ def with_reloads(observed: Observed, stack_dir: Path, prune: bool = True) -> Obs
         labels = {
             **c.labels,
             L.FILES_HASH: data[c.id]["files_hash"],
-            L.FILES: json.dumps(data[c.id]["files"], sort_keys=True, separators=(",", ":")),
+            L.FILES: canonical_json(data[c.id]["files"]),
         }
         patched.append(c.model_copy(update={"labels": labels}))
     return observed.model_copy(update={"containers": tuple(patched)})

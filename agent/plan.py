@@ -89,8 +89,6 @@ def desired_service(stack: StackSpec, name: str, image_id: str | None) -> Desire
 
 def container_labels(stack: StackSpec, want: Desired, host: str, commit: str, number: int = 1) -> dict[str, str]:
     """Every label of a container the agent creates: compose's set plus our own."""
-    import json
-
     return {
         **want.spec.labels,
         L.PROJECT: stack.project,
@@ -105,8 +103,8 @@ def container_labels(stack: StackSpec, want: Desired, host: str, commit: str, nu
         L.COMMIT: commit,
         L.SPEC_HASH: want.spec_hash,
         L.FILES_HASH: want.files_hash,
-        L.FIELDS: json.dumps(want.fields, sort_keys=True, separators=(",", ":")),
-        L.FILES: json.dumps(want.files, sort_keys=True, separators=(",", ":")),
+        L.FIELDS: spechash.canonical_json(want.fields),
+        L.FILES: spechash.canonical_json(want.files),
     }
 
 

@@ -218,7 +218,7 @@ def _pass(
     executor = Executor(
         engine, stack_dir, settings.host, commit, health_cap_s, say, stopping, start_retries=role.start_retries
     )
-    result.applied = executor.apply(stack, result.actions)
+    result.applied = executor.apply(stack, result.actions, observed.images)
     if not result.applied.ok:
         result.error = result.applied.error
         # A new version that did not come up is not retried every pass: quarantined until the

@@ -55,7 +55,6 @@ class RenderedStack:
     compose: str
     stack: StackSpec
     decisions: Mapping[str, Decision]
-    revealed: bool
 
 
 def project_name(host: str, prefix: str = "") -> str:
@@ -117,7 +116,7 @@ def render_host(
     compose_name = f"{role.shown}/templates/{role.spec.compose} (rendered for {host.name})"
     doc = load(compose_text, compose_name)
     stack = parse_compose(doc, project, files)
-    return RenderedStack(host.name, host.role, project, compose_text, stack, decisions, reveal)
+    return RenderedStack(host.name, host.role, project, compose_text, stack, decisions)
 
 
 def _context(desired: DesiredState, host: Host, project: str, prefix: str) -> dict[str, Any]:

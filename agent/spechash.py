@@ -23,7 +23,8 @@ from agent.stack import ServiceSpec, StackFile
 UNORDERED = frozenset({"ports", "mounts", "networks", "depends_on", "extra_hosts"})
 
 
-def _canon(value: Any) -> str:
+def canonical_json(value: Any) -> str:
+    """Compact, key-sorted JSON: the form hashed, and the form of the JSON labels."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -34,25 +35,25 @@ def _digest(text: str) -> str:
 def service_fields(spec: ServiceSpec, image_id: str | None) -> dict[str, Any]:
     data = spec.model_dump(mode="json")
     for key in UNORDERED:
-        data[key] = sorted(data[key], key=_canon)
+        data[key] = sorted(data[key], key=canonical_json)
     data["image_id"] = image_id
     return data
 
 
 def field_hashes(spec: ServiceSpec, image_id: str | None) -> dict[str, str]:
-    return {k: _digest(_canon(v))[:12] for k, v in sorted(service_fields(spec, image_id).items())}
+    return {k: _digest(canonical_json(v))[:12] for k, v in sorted(service_fields(spec, image_id).items())}
 
 
 def spec_hash(spec: ServiceSpec, image_id: str | None) -> str:
-    return _digest(_canon(service_fields(spec, image_id)))
+    return _digest(canonical_json(service_fields(spec, image_id)))
 
 
 def file_hashes(files: Iterable[StackFile]) -> dict[str, str]:
-    return {f.path: _digest(_canon([f.mode, f.content]))[:16] for f in sorted(files, key=lambda f: f.path)}
+    return {f.path: _digest(canonical_json([f.mode, f.content]))[:16] for f in sorted(files, key=lambda f: f.path)}
 
 
 def files_hash(files: Iterable[StackFile]) -> str:
-    return _digest(_canon(file_hashes(files)))
+    return _digest(canonical_json(file_hashes(files)))
 
 
 def config_hash(spec_h: str, files_h: str) -> str:
