@@ -29,12 +29,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.engine import Engine  # noqa: E402
-from agent.executor import Executor  # noqa: E402
-from agent.observed import Observed  # noqa: E402
-from agent.plan import plan  # noqa: E402
-from agent.stack import StackSpec, parse_compose  # noqa: E402
-from agent.yamlsrc import dump, load  # noqa: E402
+from agent.adapters.engine import Engine  # noqa: E402
+from agent.core.observed import Observed  # noqa: E402
+from agent.core.plan import plan  # noqa: E402
+from agent.core.stack import StackSpec, parse_compose  # noqa: E402
+from agent.core.yamlsrc import dump, load  # noqa: E402
+from agent.node.executor import Executor  # noqa: E402
 from tests.dockerkit import Recorder  # noqa: E402
 
 IMAGE = "llm-agent-test/busybox:1"

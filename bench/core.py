@@ -20,12 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.desired import load_desired  # noqa: E402
-from agent.lint import lint_fleet, lint_stack  # noqa: E402
-from agent.observed import Observed  # noqa: E402
-from agent.plan import plan  # noqa: E402
-from agent.render import render_host  # noqa: E402
-from agent.secrets import SecretResolver  # noqa: E402
+from agent.adapters.secrets import SecretResolver  # noqa: E402
+from agent.core.lint import lint_fleet, lint_stack  # noqa: E402
+from agent.core.observed import Observed  # noqa: E402
+from agent.core.plan import plan  # noqa: E402
+from agent.desired.load import load_desired  # noqa: E402
+from agent.desired.render import render_host  # noqa: E402
 
 REPO = ROOT / "desired_state"
 IDENTITY = ROOT / "examples" / "demo-identity.txt"

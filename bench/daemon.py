@@ -28,10 +28,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.engine import Engine  # noqa: E402
-from agent.gitsource import GitSource  # noqa: E402
-from agent.reconcile import reconcile_once  # noqa: E402
-from agent.settings import Settings  # noqa: E402
+from agent.adapters.engine import Engine  # noqa: E402
+from agent.adapters.gitsource import GitSource  # noqa: E402
+from agent.node.reconcile import reconcile_once  # noqa: E402
+from agent.node.settings import Settings  # noqa: E402
 from tests.dockerkit import cleanup, free_port, gpu_host  # noqa: E402
 
 FLOOR = "import docker, httpx, jinja2, pydantic, apscheduler, git, structlog, pyrage, time; time.sleep(3600)"

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from agent import labels as L
-from agent.cli import main
-from agent.engine import Engine
+from agent.adapters.engine import Engine
+from agent.cli.commands import main
+from agent.core import labels as L
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = "llm-agent-test/fake-vllm:1"

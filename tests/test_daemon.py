@@ -214,7 +214,7 @@ def test_push_is_applied_and_trigger_is_fast(rig: Rig) -> None:
     assert any(x["event"] == "vllm: replacing (changed: command)" for x in lines)
 
     # Prometheus metrics on the control API.
-    from agent.control import ControlClient
+    from agent.daemon.control import ControlClient
 
     metrics = ControlClient(rig.tmp / "state" / "agent.sock").get("/metrics").text
     assert 'llm_agent_runs_total{result="converged"}' in metrics

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import labels as L
-from agent.engine import Engine, EngineError, EngineUnavailable, NotFound
+from agent.adapters.engine import Engine, EngineError, EngineUnavailable, NotFound
+from agent.cli import main
+from agent.core import labels as L
 from tests.dockerkit import MUTATING, Fleet, Recorder, docker, gpu_host
 
 pytestmark = pytest.mark.docker
@@ -107,7 +108,7 @@ def test_missing_image_touches_nothing(fleet: Fleet, capsys: pytest.CaptureFixtu
     assert fleet.apply("armitage", capsys)[0] == 0
     [before] = fleet.containers("armitage")
     fleet.set_host("armitage", gpu_host(fleet.ports["armitage"], image="llm-agent-test/no-such-image:9"))
-    code = __import__("agent.cli").cli.main(["apply", *fleet.args("armitage"), "--state-dir", str(fleet.state)])
+    code = main(["apply", *fleet.args("armitage"), "--state-dir", str(fleet.state)])
     err = capsys.readouterr().err
     assert code == 1
     assert "llm-agent-test/no-such-image:9" in err and "nothing was changed" in err

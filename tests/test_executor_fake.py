@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.engine import EngineError
-from agent.executor import Executor
-from agent.observed import Observed, ObservedContainer
-from agent.plan import container_labels, desired_service, plan
-from agent.stack import StackFile, StackSpec, parse_compose
-from agent.yamlsrc import load
+from agent.adapters.engine import EngineError
+from agent.core.observed import Observed, ObservedContainer
+from agent.core.plan import container_labels, desired_service, plan
+from agent.core.stack import StackFile, StackSpec, parse_compose
+from agent.core.yamlsrc import load
+from agent.node.executor import Executor
 
 
 class FakeEngine:
@@ -177,8 +177,8 @@ def test_a_write_failing_half_way_is_undone(tmp_path: Path, monkeypatch: pytest.
     running_old(engine, tmp_path)
     new = stack_of("1", "new\n")
     new = new.model_copy(update={"files": {**new.files, "conf/z.conf": StackFile(path="conf/z.conf", content="z\n")}})
-    import agent.executor as ex
-    from agent.fsutil import write_atomic as real
+    import agent.node.executor as ex
+    from agent.adapters.fs import write_atomic as real
 
     calls = {"n": 0}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import AgentError
-from agent.gitsource import GitSource, Snapshot, SourceError, UnsignedCommit
+from agent.adapters.gitsource import GitSource, Snapshot, SourceError, UnsignedCommit
+from agent.core.errors import AgentError
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.cli import main
-from agent.secrets import EnvSecrets
-from agent.stack import parse_env_file
+from agent.adapters.secrets import EnvSecrets
+from agent.cli.commands import main
+from agent.core.stack import parse_env_file
 from tests.proxykit import Proc, start_fake, start_proxy
 from tests.test_validate import edit
 

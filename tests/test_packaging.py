@@ -46,7 +46,7 @@ def test_installed_wheel_finds_its_roles(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "o" / "config" / "config.yaml").is_file()
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import agent.roles as r; print(r.BUILTIN_ROLES)"],
+        [str(venv / "bin" / "python"), "-c", "import agent.desired.roles as r; print(r.BUILTIN_ROLES)"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from agent import labels as L
-from agent.observed import Observed, ObservedContainer
-from agent.plan import Action, container_labels, container_name, desired_service, plan
-from agent.stack import StackFile, StackSpec, parse_compose
-from agent.yamlsrc import load
+from agent.core import labels as L
+from agent.core.observed import Observed, ObservedContainer
+from agent.core.plan import Action, container_labels, container_name, desired_service, plan
+from agent.core.stack import StackFile, StackSpec, parse_compose
+from agent.core.yamlsrc import load
 
 CASES = Path(__file__).parent / "plan_cases"
 BASE = yaml.safe_load((CASES / "_base.yaml").read_text())

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.cli import main
-from agent.desired import load_desired
-from agent.errors import DesiredStateError
-from agent.render import render_host
-from agent.secrets import SecretResolver
+from agent.adapters.secrets import SecretResolver
+from agent.cli.commands import main
+from agent.core.errors import DesiredStateError
+from agent.desired.load import load_desired
+from agent.desired.render import render_host
 from tests.conftest import DEMO_IDENTITY
 from tests.test_validate import edit
 

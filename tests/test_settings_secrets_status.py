@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.errors import ConfigError, SecretError
-from agent.secrets import AgeSecrets
-from agent.settings import load_settings
-from agent.status import exit_code
+from agent.adapters.secrets import AgeSecrets
+from agent.cli.commands import main
+from agent.core.errors import ConfigError, SecretError
+from agent.daemon.status import exit_code
+from agent.node.settings import load_settings
 
 
 def test_toml_then_environment_then_flags(tmp_path: Path) -> None:

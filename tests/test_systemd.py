@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.notify import Notifier
+from agent.adapters.systemd import Notifier
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "agent.service"
@@ -99,7 +99,7 @@ def test_unit_contents() -> None:
 
 def test_exec_start_is_a_valid_agent_command_line() -> None:
     """What the unit runs parses as an `agent` command (the daemon, with its config file)."""
-    from agent.cli import _parser
+    from agent.cli.commands import _parser
 
     argv = parse_unit(UNIT.read_text())["Service"]["ExecStart"][0].split()[1:]
     args = _parser().parse_args(argv)
@@ -229,7 +229,7 @@ def test_separate_process_can_notify(listener: tuple[socket.socket, str]) -> Non
     sock, path = listener
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
     env["NOTIFY_SOCKET"] = path
-    code = "from agent.notify import Notifier; n=Notifier(); n.ready('x'); n.watchdog(); n.close()"
+    code = "from agent.adapters.systemd import Notifier; n=Notifier(); n.ready('x'); n.watchdog(); n.close()"
     done = subprocess.run(
         [sys.executable, "-W", "error", "-c", code],
         env=env,

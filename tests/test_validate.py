@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent.cli.commands import main
 
 
 def validate(repo: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import structlog
 
-from agent.desired import load_desired
-from agent.engine import Engine, EngineError
-from agent.errors import AgentError, DesiredStateError
-from agent.executor import ApplyResult, Executor, with_reloads
-from agent.lint import lint_fleet, lint_stack
-from agent.observed import Observed
-from agent.plan import Action, container_name, pending, plan
-from agent.render import RenderedStack, render_host
-from agent.secrets import REDACTED, SecretResolver
-from agent.settings import Settings
-from agent.stack import StackSpec
-from agent.state import AgentState, Quarantined, Run, StateStore, now
+from agent.adapters.engine import Engine, EngineError
+from agent.adapters.secrets import REDACTED, SecretResolver
+from agent.core.errors import AgentError, DesiredStateError
+from agent.core.lint import lint_fleet, lint_stack
+from agent.core.observed import Observed
+from agent.core.plan import Action, container_name, pending, plan
+from agent.core.stack import StackSpec
+from agent.desired.load import load_desired
+from agent.desired.render import RenderedStack, render_host
+from agent.node.executor import ApplyResult, Executor, with_reloads
+from agent.node.settings import Settings
+from agent.node.state import AgentState, Quarantined, Run, StateStore, now
 
 log = structlog.get_logger("agent.reconcile")
 

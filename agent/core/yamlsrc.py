@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from agent.errors import DesiredStateError, Problem
+from agent.core.errors import DesiredStateError, Problem
 
 try:  # pragma: no cover - depends on how PyYAML was built
     from yaml import CSafeLoader as _Loader

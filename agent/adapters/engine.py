@@ -32,10 +32,10 @@ import requests.exceptions
 import structlog
 from docker.types import DeviceRequest, EndpointConfig, Healthcheck, Ulimit
 
-from agent import labels as L
-from agent.errors import AgentError
-from agent.observed import Observed, ObservedContainer
-from agent.stack import ServiceSpec, StackSpec
+from agent.core import labels as L
+from agent.core.errors import AgentError
+from agent.core.observed import Observed, ObservedContainer
+from agent.core.stack import ServiceSpec, StackSpec
 
 log = structlog.get_logger("agent.engine")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/llm-agent/agent.toml")
 

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent import labels as L
-from agent import spechash
-from agent.observed import Observed, ObservedContainer
-from agent.stack import ServiceSpec, StackSpec
+from agent.core import hashing as spechash
+from agent.core import labels as L
+from agent.core.observed import Observed, ObservedContainer
+from agent.core.stack import ServiceSpec, StackSpec
 
 ActionKind = Literal[
     "create_network",

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import structlog
 
-from agent import labels as L
-from agent.engine import Engine, EngineError
-from agent.fsutil import write_atomic
-from agent.observed import Observed
-from agent.plan import Action, Desired, container_labels, container_name, desired_service, network_name
-from agent.spechash import canonical_json
-from agent.stack import ServiceSpec, StackSpec
+from agent.adapters.engine import Engine, EngineError
+from agent.adapters.fs import write_atomic
+from agent.core import labels as L
+from agent.core.hashing import canonical_json
+from agent.core.observed import Observed
+from agent.core.plan import Action, Desired, container_labels, container_name, desired_service, network_name
+from agent.core.stack import ServiceSpec, StackSpec
 
 log = structlog.get_logger("agent.executor")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.errors import AgentError, DesiredStateError, Problem
-from agent.settings import Settings, load_settings
+from agent.core.errors import AgentError, DesiredStateError, Problem
+from agent.node.settings import Settings, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command != "run":
-        from agent import logs
+        from agent.daemon import logs
 
         logs.configure(stream=sys.stderr, level="warning")  # stdout stays clean for --json
     try:
@@ -138,7 +138,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _resolver(settings: Settings, repo: Path) -> Any:
-    from agent.secrets import SecretResolver
+    from agent.adapters.secrets import SecretResolver
 
     return SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file)
 
@@ -147,7 +147,7 @@ def _resolver(settings: Settings, repo: Path) -> Any:
 def _checkout(settings: Settings) -> Iterator[tuple[Path, str | None]]:
     """The desired-state tree to act on: the directory itself, or, for a git URL, a snapshot
     of the branch head (fetched into a throwaway cache; signatures checked if required)."""
-    from agent.gitsource import GitSource
+    from agent.adapters.gitsource import GitSource
 
     if not GitSource.is_git_url(settings.repo):
         yield Path(settings.repo), None
@@ -173,7 +173,7 @@ def _print_problems(problems: list[Problem], stream: Any = None) -> None:
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.lint import validate_all
+    from agent.core.lint import validate_all
 
     with _checkout(settings) as (repo, _commit):
         desired, problems = validate_all(repo, _resolver(settings, repo), settings.project_prefix)
@@ -202,8 +202,8 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.desired import load_desired
-    from agent.render import render_host
+    from agent.desired.load import load_desired
+    from agent.desired.render import render_host
 
     with _checkout(settings) as (repo, _commit):
         desired = load_desired(repo)
@@ -227,15 +227,15 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _write(path: Path, content: str, mode: int) -> Path:
-    from agent.fsutil import write_atomic
+    from agent.adapters.fs import write_atomic
 
     write_atomic(path, content.encode(), mode)
     return path
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.engine import Engine
-    from agent.reconcile import reconcile_once
+    from agent.adapters.engine import Engine
+    from agent.node.reconcile import reconcile_once
 
     with Engine() as engine, _checkout(settings) as (repo, commit):
         result = reconcile_once(settings, engine, repo=repo, commit=commit, dry_run=True)
@@ -253,9 +253,9 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.engine import Engine
-    from agent.reconcile import reconcile_once
-    from agent.state import StateStore
+    from agent.adapters.engine import Engine
+    from agent.node.reconcile import reconcile_once
+    from agent.node.state import StateStore
 
     paused = StateStore(settings.state_dir).load().paused
     if paused and not args.force:
@@ -292,18 +292,18 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from agent import logs
-    from agent.daemon import Daemon
+    from agent.daemon import logs
+    from agent.daemon.service import Daemon
 
     redactor = logs.configure(level=settings.log_level)
     return Daemon(settings, redactor).run()
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.control import ControlClient, NotRunning
-    from agent.daemon import status_from_state
-    from agent.state import StateStore
-    from agent.status import exit_code, show
+    from agent.daemon.control import ControlClient, NotRunning
+    from agent.daemon.service import status_from_state
+    from agent.daemon.status import exit_code, show
+    from agent.node.state import StateStore
 
     try:
         status = ControlClient(settings.socket_path).get("/status").json()
@@ -318,7 +318,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _control(settings: Settings, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    from agent.control import ControlClient
+    from agent.daemon.control import ControlClient
 
     return ControlClient(settings.socket_path).post(route, body)
 
@@ -339,9 +339,9 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
 
 def _set_pause(settings: Settings, reason: str | None) -> int:
     """Through the daemon when it runs (a resume then triggers a pass), else in the state file."""
-    from agent.control import NotRunning
-    from agent.daemon import set_pause
-    from agent.state import StateStore
+    from agent.daemon.control import NotRunning
+    from agent.daemon.service import set_pause
+    from agent.node.state import StateStore
 
     if reason is not None and not reason.strip():
         print("error: a reason is required", file=sys.stderr)
@@ -357,7 +357,7 @@ def _set_pause(settings: Settings, reason: str | None) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.secrets import keygen
+    from agent.adapters.secrets import keygen
 
     recipient = keygen(args.out)
     print(f"identity written to {args.out} (mode 0600)")
@@ -366,7 +366,7 @@ def cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_secret(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.secrets import encrypt_secret
+    from agent.adapters.secrets import encrypt_secret
 
     value = sys.stdin.read().rstrip("\n")
     path = encrypt_secret(Path(settings.repo), args.name, value, args.recipients)

@@ -16,17 +16,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from agent.errors import DesiredStateError
-from agent.model import Strict, parse
-from agent.yamlsrc import Document, load
+from agent.core.errors import DesiredStateError
+from agent.core.model import Strict, parse
+from agent.core.yamlsrc import Document, load
 
 
 def _builtin_roles() -> Path:
     """The roles shipped with the agent: the repo's ``roles/`` (installed as ``agent._roles``)."""
-    source_tree = Path(__file__).resolve().parent.parent / "roles"
+    source_tree = Path(__file__).resolve().parents[2] / "roles"
     if source_tree.is_dir():
         return source_tree
-    return Path(__file__).resolve().parent / "_roles"  # installed from a wheel
+    return Path(__file__).resolve().parents[1] / "_roles"  # installed from a wheel
 
 
 BUILTIN_ROLES = _builtin_roles()

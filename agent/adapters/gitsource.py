@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from agent.errors import AgentError
+from agent.core.errors import AgentError
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _HEX_PREFIX = re.compile(r"[0-9a-fA-F]{4,64}")

@@ -12,13 +12,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from agent.desired import DesiredState, load_desired
-from agent.errors import DesiredStateError, Problem
-from agent.model import REQUIRED_ALIASES
-from agent.render import RenderedStack, render_host
-from agent.routing import Backend, backends
-from agent.secrets import SecretResolver
-from agent.yamlsrc import Document, load
+from agent.adapters.secrets import SecretResolver
+from agent.core.errors import DesiredStateError, Problem
+from agent.core.model import REQUIRED_ALIASES
+from agent.core.routing import Backend, backends
+from agent.core.yamlsrc import Document, load
+from agent.desired.load import DesiredState, load_desired
+from agent.desired.render import RenderedStack, render_host
 
 COMPROMISED_LITELLM = ("1.107.0",)
 

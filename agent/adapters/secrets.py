@@ -23,7 +23,7 @@ from typing import Protocol
 
 import yaml
 
-from agent.errors import SecretError
+from agent.core.errors import SecretError
 
 REDACTED = "**REDACTED**"
 

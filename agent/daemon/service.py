@@ -33,15 +33,15 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from agent.control import ControlServer
-from agent.engine import Engine, EngineError
-from agent.errors import AgentError
-from agent.logs import Redactor
-from agent.notify import Notifier
-from agent.plan import MUTATING
-from agent.reconcile import PassResult, reconcile_once, repo_commit
-from agent.settings import Settings
-from agent.state import AgentState, Pause, StateStore, now
+from agent.adapters.engine import Engine, EngineError
+from agent.adapters.systemd import Notifier
+from agent.core.errors import AgentError
+from agent.core.plan import MUTATING
+from agent.daemon.control import ControlServer
+from agent.daemon.logs import Redactor
+from agent.node.reconcile import PassResult, reconcile_once, repo_commit
+from agent.node.settings import Settings
+from agent.node.state import AgentState, Pause, StateStore, now
 
 log = structlog.get_logger("agent.daemon")
 SHA = re.compile(r"[0-9a-f]{40}")
@@ -75,7 +75,7 @@ class GitDesiredSource:
     """A git remote: forced fetch of the branch, snapshot of the exact commit."""
 
     def __init__(self, settings: Settings) -> None:
-        from agent.gitsource import GitSource, redact
+        from agent.adapters.gitsource import GitSource, redact
 
         self.git = GitSource(
             settings.repo,
@@ -93,7 +93,7 @@ class GitDesiredSource:
 
     def current(self, last_good: str | None) -> tuple[str, Path, str | None]:
         """The commit to reconcile, its snapshot, and a source problem to report (if any)."""
-        from agent.gitsource import SourceError
+        from agent.adapters.gitsource import SourceError
 
         try:
             sha = self.git.fetch()
@@ -431,7 +431,7 @@ def status_from_state(settings: Settings, state: AgentState) -> dict[str, Any]:
 
 
 def _is_git(repo: str) -> bool:
-    from agent.gitsource import GitSource
+    from agent.adapters.gitsource import GitSource
 
     return GitSource.is_git_url(repo)
 

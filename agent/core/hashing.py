@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from agent.stack import ServiceSpec, StackFile
+from agent.core.stack import ServiceSpec, StackFile
 
 UNORDERED = frozenset({"ports", "mounts", "networks", "depends_on", "extra_hosts"})
 

@@ -21,14 +21,14 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
-from agent.desired import DesiredState
-from agent.errors import DesiredStateError, Problem
-from agent.model import Host, SecretRef
-from agent.roles import Role
-from agent.routing import Decision, Health, backends, decide, litellm_config
-from agent.secrets import REDACTED, SecretResolver
-from agent.stack import StackFile, StackSpec, parse_compose
-from agent.yamlsrc import dump, load
+from agent.adapters.secrets import REDACTED, SecretResolver
+from agent.core.errors import DesiredStateError, Problem
+from agent.core.model import Host, SecretRef
+from agent.core.routing import Decision, Health, backends, decide, litellm_config
+from agent.core.stack import StackFile, StackSpec, parse_compose
+from agent.core.yamlsrc import dump, load
+from agent.desired.load import DesiredState
+from agent.desired.roles import Role
 
 
 class Secret:

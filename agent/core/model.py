@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.errors import DesiredStateError, Problem
-from agent.yamlsrc import Document
+from agent.core.errors import DesiredStateError, Problem
+from agent.core.yamlsrc import Document
 
 ALIAS_RE = r"^[a-z0-9][a-z0-9_.-]*/[a-z0-9][a-z0-9_.-]*$"
 SECRET_NAME_RE = r"^[a-z0-9][a-z0-9_]*$"

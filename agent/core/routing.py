@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.errors import Problem
-from agent.model import REQUIRED_ALIASES, Fleet, Host, RoutingPolicy
+from agent.core.errors import Problem
+from agent.core.model import REQUIRED_ALIASES, Fleet, Host, RoutingPolicy
 
 BackendKind = Literal["vllm", "embedding", "openai"]
 

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from agent.secrets import REDACTED
+from agent.adapters.secrets import REDACTED
 
 
 class Redactor:

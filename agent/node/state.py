@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from agent.errors import ConfigError
-from agent.fsutil import write_atomic
+from agent.adapters.fs import write_atomic
+from agent.core.errors import ConfigError
 
 MAX_RUNS = 20
 MAX_QUARANTINE = 20

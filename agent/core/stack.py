@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.errors import DesiredStateError, Problem
-from agent.model import _problems
-from agent.yamlsrc import Document
+from agent.core.errors import DesiredStateError, Problem
+from agent.core.model import _problems
+from agent.core.yamlsrc import Document
 
 # --------------------------------------------------------------------------- our spec
 

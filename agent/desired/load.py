@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.errors import DesiredStateError, Problem
-from agent.model import HOST_NAME_RE, ROLE_VARS, Fleet, Host, HostFile, _problems, parse
-from agent.roles import Role, load_role
-from agent.yamlsrc import Document, load
+from agent.core.errors import DesiredStateError, Problem
+from agent.core.model import HOST_NAME_RE, ROLE_VARS, Fleet, Host, HostFile, _problems, parse
+from agent.core.yamlsrc import Document, load
+from agent.desired.roles import Role, load_role
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.errors import AgentError
+from agent.core.errors import AgentError
 
 if TYPE_CHECKING:
     import httpx

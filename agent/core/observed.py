@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent import labels as L
+from agent.core import labels as L
 
 ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
 

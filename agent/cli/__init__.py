@@ -1,0 +1,5 @@
+"""The ``agent`` command line."""
+
+from agent.cli.commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""The long-running agent (``agent run``): scheduler, control API, metrics, logs, status."""

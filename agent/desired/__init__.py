@@ -1,0 +1,1 @@
+"""Reads a desired-state tree: load the files, the roles, render a host's stack, validate."""
