@@ -29,12 +29,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.adapters.engine import Engine  # noqa: E402
+from agent.adapters.engine import DockerEngine  # noqa: E402
 from agent.core.observed import Observed  # noqa: E402
 from agent.core.plan import plan  # noqa: E402
 from agent.core.stack import StackSpec, parse_compose  # noqa: E402
 from agent.core.yamlsrc import dump, load  # noqa: E402
-from agent.node.executor import Executor  # noqa: E402
+from agent.node.executor import Executor, Rollout  # noqa: E402
 from tests.dockerkit import Recorder  # noqa: E402
 
 IMAGE = "llm-agent-test/busybox:1"
@@ -66,7 +66,7 @@ def down(project: str) -> None:
 
 
 class AgentSide:
-    def __init__(self, engine: Engine, workdir: Path) -> None:
+    def __init__(self, engine: DockerEngine, workdir: Path) -> None:
         self.engine = engine
         self.workdir = workdir
 
@@ -85,7 +85,7 @@ class AgentSide:
 
     def converge(self, stack: StackSpec) -> None:
         actions = plan(stack, self.observe(stack))
-        result = Executor(self.engine, self.workdir / stack.project, "bench", "bench").apply(stack, actions)
+        result = Executor(self.engine, self.workdir / stack.project, Rollout("bench", "bench")).apply(stack, actions)
         assert result.ok, result.error
 
 
@@ -168,7 +168,7 @@ def main() -> None:
     if shutil.which("docker-compose"):
         compose["v1"] = ComposeSide("docker-compose", workdir / "v1")
     results = []
-    with Engine() as engine:
+    with DockerEngine() as engine:
         agent = AgentSide(engine, workdir / "agent")
         for n in (int(x) for x in args.sizes.split(",")):
             results.append(bench_size(n, args.repeat, agent, compose))

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.adapters.engine import Engine  # noqa: E402
+from agent.adapters.engine import DockerEngine  # noqa: E402
 from agent.adapters.gitsource import GitSource  # noqa: E402
 from agent.node.reconcile import reconcile_once  # noqa: E402
 from agent.node.settings import Settings  # noqa: E402
@@ -125,12 +125,12 @@ def main() -> None:
             secrets_file=tmp / "none.yaml",
         )
         passes = []
-        with Engine() as engine:
+        with DockerEngine() as engine:
             for _ in range(args.polls):
                 t = time.perf_counter()
                 sha = source.fetch()
                 snap = source.snapshot(sha)
-                result = reconcile_once(settings, engine, repo=snap.path, commit=sha)
+                result = reconcile_once(settings, engine, snap.path, sha)
                 passes.append(time.perf_counter() - t)
                 assert result.result == "converged", result.error
         out["poll_full_pass_ms"] = statistics.median(passes) * 1000

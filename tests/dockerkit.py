@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.adapters.engine import Engine
+from agent.adapters.engine import DockerEngine
 from agent.cli.commands import main
 from agent.core import labels as L
 
@@ -126,7 +126,7 @@ vars:
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     try:
-        with Engine() as engine:
+        with DockerEngine() as engine:
             engine.api.ping()
     except Exception as exc:
         pytest.fail(f"Docker engine not reachable ({exc}); run scripts/setup")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.adapters.engine import Engine, EngineError, EngineUnavailable, NotFound
+from agent.adapters.engine import DockerEngine, EngineError, EngineUnavailable, NotFound
 from agent.cli import main
 from agent.core import labels as L
 from tests.dockerkit import MUTATING, Fleet, Recorder, docker, gpu_host
@@ -54,14 +54,14 @@ def test_cold_apply_then_noop(
 
     # A second pass changes nothing: same container, no mutating call, three API calls.
     recorder: list[Recorder] = []
-    real_init = Engine.__init__
+    real_init = DockerEngine.__init__
 
-    def recording_init(self: Engine, api: object = None, base_url: str | None = None) -> None:
+    def recording_init(self: DockerEngine, api: object = None, base_url: str | None = None) -> None:
         real_init(self, api, base_url)
         self.api = Recorder(self.api)
         recorder.append(self.api)
 
-    monkeypatch.setattr(Engine, "__init__", recording_init)
+    monkeypatch.setattr(DockerEngine, "__init__", recording_init)
     code, out = fleet.apply("armitage", capsys)
     assert code == 0 and out["result"] == "converged"
     assert [a["action"] for a in out["actions"]] == ["noop"]
@@ -226,9 +226,9 @@ def test_kill_9_mid_pass_then_rerun_converges(fleet: Fleet, capsys: pytest.Captu
 def test_engine_errors_are_ours() -> None:
     """No docker.errors or requests exception escapes the adapter."""
     with pytest.raises(EngineUnavailable):
-        Engine(base_url="unix:///nonexistent/docker.sock").observe("p", [])
+        DockerEngine(base_url="unix:///nonexistent/docker.sock").observe("p", [])
     gc.collect()  # let the leaked socket be reported here, where it is ignored
-    with Engine() as engine:
+    with DockerEngine() as engine:
         with pytest.raises(NotFound):
             engine.start("no-such-container-llm-agent")
         with pytest.raises(EngineError):

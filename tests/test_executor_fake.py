@@ -1,6 +1,6 @@
-"""The executor's safety rules, against a fake engine (a fake of our own seam, ``Engine``):
-rollbacks bring the old container back on the old files, a shutdown is not a failed rollout,
-a write failing half-way is undone."""
+"""The executor's safety rules, against the public fake engine (``agent.testing``): rollbacks
+bring the old container back on the old files, a shutdown is not a failed rollout, a write
+failing half-way is undone, the old container stays until the new one is healthy."""
 
 from __future__ import annotations
 
@@ -10,146 +10,74 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.adapters.engine import EngineError
-from agent.core.observed import Observed, ObservedContainer
+from agent.core.errors import EngineError
+from agent.core.outcomes import Failure
 from agent.core.plan import container_labels, desired_service, plan
 from agent.core.stack import StackFile, StackSpec, parse_compose
 from agent.core.yamlsrc import load
-from agent.node.executor import Executor
+from agent.node.executor import ApplyResult, Executor, Rollout
+from agent.testing.fakes import FakeClock, FakeContainer, FakeEngine
+
+IMG = {"web:1": "sha256:img"}
 
 
-class FakeEngine:
-    """Containers as dicts; ``healthy`` decides what wait_healthy says for new ones."""
-
-    def __init__(self, healthy: bool = True, fail_on: str | None = None) -> None:
-        self.containers: dict[str, dict[str, Any]] = {}
-        self.healthy = healthy
-        self.fail_on = fail_on
-        self.calls: list[str] = []
-        self.n = 0
-
-    def _call(self, name: str) -> None:
-        self.calls.append(name)
-        if name == self.fail_on:
-            self.fail_on = None  # fails once
-            raise EngineError(f"{name}: boom")
-
-    def add(self, name: str, labels: dict[str, str]) -> str:
-        self.n += 1
-        cid = f"c{self.n}"
-        self.containers[cid] = {"name": name, "state": "running", "labels": labels}
-        return cid
-
-    def image_id(self, ref: str) -> str:
-        return "sha256:img"
-
-    def pull(self, ref: str) -> str:
-        return "sha256:img"
-
-    def ensure_network(self, *a: Any) -> None: ...
-    def ensure_volume(self, *a: Any) -> None: ...
-    def remove_network(self, *a: Any) -> None: ...
-
-    def create(self, stack: StackSpec, spec: Any, name: str, labels: dict[str, str], stack_dir: str) -> str:
-        self._call("create")
-        cid = self.add(name, labels)
-        self.containers[cid]["state"] = "created"
-        return cid
-
-    def start(self, cid: str) -> None:
-        self._call("start")
-        self.containers[cid]["state"] = "running"
-
-    def stop(self, cid: str, timeout: int | None = None) -> None:
-        self._call("stop")
-        self.containers[cid]["state"] = "exited"
-
-    def restart(self, cid: str, timeout: int | None = None) -> None:
-        self._call("restart")
-
-    def rename(self, cid: str, name: str) -> None:
-        self._call("rename")
-        self.containers[cid]["name"] = name
-
-    def remove(self, cid: str, grace_s: int | None = None, graceful: bool = False) -> None:
-        self._call("remove")
-        self.containers.pop(cid, None)
-
-    def signal(self, cid: str, sig: str) -> None: ...
-
-    def state(self, cid: str) -> tuple[str, str | None, int]:
-        return self.containers[cid]["state"], None, 0
-
-    def wait_healthy(self, cid: str, deadline_s: float, has_hc: bool, stopping: Any = lambda: False) -> str | None:
-        if stopping():
-            return "the agent is stopping: rollout abandoned"
-        return None if self.healthy else "healthcheck reports unhealthy"
-
-    def by_name(self) -> dict[str, str]:
-        return {c["name"]: c["state"] for c in self.containers.values()}
+def compose(ports: bool = True, healthcheck: bool = False) -> dict[str, Any]:
+    web: dict[str, Any] = {"image": "web:1", "volumes": ["./conf:/conf:ro"], "environment": {"V": "1"}}
+    if ports:
+        web["ports"] = ["8080:80"]
+    if healthcheck:
+        web["healthcheck"] = {"test": ["CMD", "true"], "interval": "1s", "retries": 2}
+    return {"services": {"web": web}}
 
 
-COMPOSE = {
-    "services": {
-        "web": {"image": "web:1", "ports": ["8080:80"], "volumes": ["./conf:/conf:ro"], "environment": {"V": "1"}}
-    }
-}
-
-
-def stack_of(v: str, conf: str) -> StackSpec:
-    doc = yaml.safe_load(yaml.safe_dump(COMPOSE))
+def stack_of(v: str, conf: str, **kw: bool) -> StackSpec:
+    doc = compose(**kw)
     doc["services"]["web"]["environment"]["V"] = v
     files = {"conf/app.conf": StackFile(path="conf/app.conf", content=conf)}
     return parse_compose(load(yaml.safe_dump(doc), "t"), "p", files)
 
 
-def running_old(engine: FakeEngine, tmp_path: Path) -> StackSpec:
-    old = stack_of("1", "old\n")
-    engine.add("p-web-1", container_labels(old, desired_service(old, "web", "sha256:img"), "h", "c0"))
+def running_old(engine: FakeEngine, tmp_path: Path, **kw: bool) -> str:
+    old = stack_of("1", "old\n", **kw)
+    cid = engine.add("p-web-1", container_labels(old, desired_service(old, "web", "sha256:img"), "h", "c0"), "web:1")
+    engine.ensure_network("p_default", "p", "default", "bridge")
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "app.conf").write_text("old\n")
-    return old
+    return cid
 
 
-def observed(engine: FakeEngine) -> Observed:
-    return Observed(
-        containers=tuple(
-            ObservedContainer(id=cid, name=c["name"], state=c["state"], labels=c["labels"])
-            for cid, c in engine.containers.items()
-        ),
-        networks=("p_default",),
-        images={"web:1": "sha256:img"},
-    )
-
-
-def apply(engine: FakeEngine, tmp_path: Path, stopping: bool = False) -> Any:
-    new = stack_of("2", "new\n")
-    actions = plan(new, observed(engine))
+def apply(engine: FakeEngine, tmp_path: Path, stopping: bool = False, **kw: bool) -> ApplyResult:
+    new = stack_of("2", "new\n", **kw)
+    actions = plan(new, engine.observe("p", ["web:1"]))
     assert [a.kind for a in actions] == ["recreate"]
-    return Executor(engine, tmp_path, "h", "c1", stopping=lambda: stopping).apply(new, actions)  # type: ignore[arg-type]
+    rollout = Rollout("h", "c1", stopping=lambda: stopping)
+    return Executor(engine, tmp_path, rollout, FakeClock()).apply(new, actions)
 
 
 def test_a_new_version_that_fails_brings_back_the_old_one_on_the_old_files(tmp_path: Path) -> None:
-    engine = FakeEngine(healthy=False)
-    running_old(engine, tmp_path)
-    result = apply(engine, tmp_path)
+    engine = FakeEngine(IMG, behaviour=lambda c: "unhealthy")
+    running_old(engine, tmp_path, healthcheck=True)
+    result = apply(engine, tmp_path, healthcheck=True)
     assert not result.ok and result.rolled_back and result.rollout_failed
+    assert result.failure is Failure.ROLLOUT
     assert engine.by_name() == {"p-web-1": "running"}
     assert (tmp_path / "conf" / "app.conf").read_text() == "old\n"
 
 
 def test_a_shutdown_mid_rollout_rolls_back_but_is_not_a_failed_rollout(tmp_path: Path) -> None:
-    engine = FakeEngine()
+    engine = FakeEngine(IMG)
     running_old(engine, tmp_path)
     result = apply(engine, tmp_path, stopping=True)
     assert not result.ok and result.rolled_back and not result.rollout_failed  # not quarantined
+    assert result.failure is Failure.STOPPED
     assert engine.by_name() == {"p-web-1": "running"}
 
 
 @pytest.mark.parametrize("step", ["start", "rename"])
 def test_an_engine_error_mid_replacement_still_brings_the_old_one_back(tmp_path: Path, step: str) -> None:
-    engine = FakeEngine(fail_on=step)
+    engine = FakeEngine(IMG)
     running_old(engine, tmp_path)
+    engine.fail_next(step)
     result = apply(engine, tmp_path)
     assert not result.ok and result.rolled_back
     assert f"{step}: boom" in (result.error or "") and "old container restarted" in (result.error or "")
@@ -158,22 +86,20 @@ def test_an_engine_error_mid_replacement_still_brings_the_old_one_back(tmp_path:
 
 
 def test_an_incomplete_rollback_says_so(tmp_path: Path) -> None:
-    engine = FakeEngine(healthy=False)
-    running_old(engine, tmp_path)
-    real_start = engine.start
+    engine = FakeEngine(IMG, behaviour=lambda c: "unhealthy")
+    old = running_old(engine, tmp_path, healthcheck=True)
 
     def start(cid: str) -> None:
-        if engine.containers[cid]["labels"].get("io.llm-agent.commit") == "c0":
+        if cid == old:
             raise EngineError("start: the old one will not start")
-        real_start(cid)
 
-    engine.start = start  # type: ignore[method-assign]
-    result = apply(engine, tmp_path)
+    engine.on("start", start)
+    result = apply(engine, tmp_path, healthcheck=True)
     assert "ROLLBACK INCOMPLETE, the old container may be down" in (result.error or "")
 
 
 def test_a_write_failing_half_way_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = FakeEngine()
+    engine = FakeEngine(IMG)
     running_old(engine, tmp_path)
     new = stack_of("1", "new\n")
     new = new.model_copy(update={"files": {**new.files, "conf/z.conf": StackFile(path="conf/z.conf", content="z\n")}})
@@ -189,8 +115,50 @@ def test_a_write_failing_half_way_is_undone(tmp_path: Path, monkeypatch: pytest.
         real(path, data, mode)
 
     monkeypatch.setattr(ex, "write_atomic", flaky)
-    result = Executor(engine, tmp_path, "h", "c1").apply(new, plan(new, observed(engine)))  # type: ignore[arg-type]
+    actions = plan(new, engine.observe("p", ["web:1"]))
+    result = Executor(engine, tmp_path, Rollout("h", "c1"), FakeClock()).apply(new, actions)
     assert not result.ok and "No space left on device" in (result.error or "")
     assert (tmp_path / "conf" / "app.conf").read_text() == "old\n"
     assert not (tmp_path / "conf" / "z.conf").exists()
     assert engine.by_name() == {"p-web-1": "running"}
+
+
+def test_without_ports_the_old_container_serves_until_the_new_one_is_healthy(tmp_path: Path) -> None:
+    """No host port in the way: the old one must not be stopped or removed before the new one
+    passed its healthcheck; a new one that never does leaves the old one untouched."""
+    engine = FakeEngine(IMG, behaviour=lambda c: "starting")  # never becomes healthy
+    old = running_old(engine, tmp_path, ports=False, healthcheck=True)
+    result = apply(engine, tmp_path, ports=False, healthcheck=True)
+    assert not result.ok and result.rollout_failed
+    assert old not in engine.ops("stop") and old not in engine.ops("remove")
+    assert engine.by_name() == {"p-web-1": "running"}
+
+
+def test_without_ports_the_old_one_goes_only_after_the_new_one_was_seen_healthy(tmp_path: Path) -> None:
+    engine = FakeEngine(IMG)
+    old = running_old(engine, tmp_path, ports=False, healthcheck=True)
+    result = apply(engine, tmp_path, ports=False, healthcheck=True)
+    assert result.ok, result.error
+    new = next(c.id for c in engine.containers.values() if c.id != old)
+    healthy_seen = engine.calls.index(("state", new))
+    assert engine.calls.index(("remove", old)) > healthy_seen
+    assert engine.by_name() == {"p-web-1": "running"}
+
+
+def loading(c: FakeContainer) -> str:
+    c.logs = "INFO loading model weights 40%"
+    return "starting"
+
+
+def test_a_slow_start_is_reported_while_waiting_with_the_last_log_line(tmp_path: Path) -> None:
+    engine = FakeEngine(IMG, behaviour=loading)
+    running_old(engine, tmp_path, healthcheck=True)
+    said: list[str] = []
+    new = stack_of("2", "new\n", healthcheck=True)
+    actions = plan(new, engine.observe("p", ["web:1"]))
+    clock = FakeClock()
+    Executor(engine, tmp_path, Rollout("h", "c1", health_cap_s=60, say=said.append), clock).apply(new, actions)
+    notes = [s for s in said if "waiting to be healthy" in s]
+    assert len(notes) >= 3, said  # about one every 15 s of a 60 s wait
+    assert "last log line: INFO loading model weights 40%" in notes[0]
+    assert clock.slept >= 60

@@ -82,17 +82,43 @@ def test_secret_from_environment_wins(repo: Path, tmp_path: Path, monkeypatch: p
     assert "LITELLM_MASTER_KEY=mkt-from-env" in files["litellm.env"]
 
 
-def test_secret_leak_into_config_is_refused(repo: Path, roles_copy: Path) -> None:
+@pytest.mark.parametrize(
+    "use",
+    [
+        "{{ openai_api_key }}",
+        "{{ openai_api_key | upper }}",
+        "{{ openai_api_key | reverse }}",
+        "{{ openai_api_key | string | list | join }}",
+        "{{ (openai_api_key ~ '')[0:12] }}",
+    ],
+)
+def test_a_secret_outside_the_secret_file_is_refused_even_transformed(repo: Path, roles_copy: Path, use: str) -> None:
+    """Secrets go only where role.yaml says (the 0600 env file): any use elsewhere, through any
+    filter, is an error, redacted or revealed; a transformed value would pass an exact-value check."""
     edit(
         roles_copy / "motoko/templates/litellm.config.yaml.j2",
         "{{ litellm_config | to_yaml }}",
-        "# key {{ openai_api_key }}\n{{ litellm_config | to_yaml }}",
+        f"# key {use}\n{{{{ litellm_config | to_yaml }}}}",
     )
     desired = load_desired(repo)
     resolver = SecretResolver.for_repo(repo, identity=DEMO_IDENTITY)
-    render_host(desired, "motoko", resolver)  # redacted: harmless
-    with pytest.raises(DesiredStateError, match="a secret value would be written here"):
+    for reveal in (False, True):
+        with pytest.raises(DesiredStateError) as err:
+            render_host(desired, "motoko", resolver, reveal=reveal)
+        assert "litellm.config.yaml.j2:6" in str(err.value)
+        for value in resolver.known_values():
+            for shown in (value, value.upper(), value[::-1], value[:12]):
+                assert shown not in str(err.value)
+
+
+def test_a_template_error_never_quotes_a_revealed_secret(repo: Path, roles_copy: Path) -> None:
+    edit(roles_copy / "motoko/templates/litellm.env.j2", "{{ openai_api_key }}", "{{ fleet[openai_api_key ~ ''] }}")
+    desired = load_desired(repo)
+    resolver = SecretResolver.for_repo(repo, identity=DEMO_IDENTITY)
+    with pytest.raises(DesiredStateError) as err:
         render_host(desired, "motoko", resolver, reveal=True)
+    value = resolver.value("openai_api_key")
+    assert value not in str(err.value) and "**REDACTED**" in str(err.value)
 
 
 def test_undecryptable_secret_is_a_clear_error(

@@ -21,7 +21,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
@@ -33,29 +33,23 @@ import structlog
 from docker.types import DeviceRequest, EndpointConfig, Healthcheck, Ulimit
 
 from agent.core import labels as L
-from agent.core.errors import AgentError
+from agent.core.errors import EngineError, EngineUnavailable, ImageUnavailable, NetworkInUse, NotFound
 from agent.core.observed import Observed, ObservedContainer
 from agent.core.stack import ServiceSpec, StackSpec
+
+__all__ = [
+    "DockerEngine",
+    "EngineError",
+    "EngineUnavailable",
+    "ImageUnavailable",
+    "NetworkInUse",
+    "NotFound",
+    "split_ref",
+]
 
 log = structlog.get_logger("agent.engine")
 
 NS = 1_000_000_000
-
-
-class EngineError(AgentError):
-    """The Docker engine refused or failed an operation."""
-
-
-class EngineUnavailable(EngineError):
-    pass
-
-
-class ImageUnavailable(EngineError):
-    pass
-
-
-class NotFound(EngineError):
-    pass
 
 
 @contextlib.contextmanager
@@ -67,6 +61,8 @@ def _mapped(what: str) -> Iterator[None]:
     except docker.errors.NotFound as exc:
         raise NotFound(f"{what}: {_explain(exc)}") from None
     except docker.errors.APIError as exc:
+        if exc.status_code == 403 and what.startswith("remove network"):
+            raise NetworkInUse(f"{what}: {_explain(exc)}") from None  # engine: "has active endpoints"
         raise EngineError(f"{what}: {_explain(exc)}") from None
     except docker.errors.DockerException as exc:
         raise EngineUnavailable(f"{what}: Docker engine not reachable ({exc})") from None
@@ -89,7 +85,7 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return ref, "latest"
 
 
-class Engine:
+class DockerEngine:
     """A thin wrapper over the low-level API client (``docker.APIClient``)."""
 
     def __init__(self, api: Any | None = None, base_url: str | None = None) -> None:
@@ -106,7 +102,7 @@ class Engine:
     def close(self) -> None:
         self.api.close()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> DockerEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -131,11 +127,12 @@ class Engine:
         with _mapped("list networks"):
             # By name (the engine matches substrings; compared exactly below): a network of
             # ours that lost its labels still counts as existing.
-            nets = self.api.networks(filters={"name": f"{project}_"})
+            nets = self.api.networks(filters={"name": L.scoped(project, "")})
         ours = [
             n
             for n in nets
-            if str(n["Name"]).startswith(f"{project}_") and (n.get("Labels") or {}).get(L.PROJECT, project) == project
+            if str(n["Name"]).startswith(L.scoped(project, ""))
+            and (n.get("Labels") or {}).get(L.PROJECT, project) == project
         ]
         return Observed(
             containers=tuple(containers),
@@ -179,7 +176,7 @@ class Engine:
                 name,
                 driver=driver,
                 check_duplicate=True,
-                labels={L.PROJECT: project, L.NETWORK: network, L.OWNER: L.OWNER_VALUE, L.VERSION: "2.40.0"},
+                labels={L.PROJECT: project, L.NETWORK: network, L.OWNER: L.OWNER_VALUE, L.VERSION: L.COMPOSE_VERSION},
             )
 
     def ensure_volume(self, name: str, project: str, volume: str, driver: str) -> None:
@@ -194,15 +191,13 @@ class Engine:
                 self.api.remove_network(name)
         except NotFound:
             pass
-        except EngineError as exc:
-            if "active endpoints" not in str(exc):  # engine 20.10 quirk: tolerated
-                raise
+        except NetworkInUse:
             log.warning("network still has endpoints; left for later", network=name)
 
     # ------------------------------------------------------------------ containers
 
     def create(self, stack: StackSpec, spec: ServiceSpec, name: str, labels: dict[str, str], stack_dir: str) -> str:
-        nets = [f"{stack.project}_{n}" for n in spec.networks]
+        nets = [L.scoped(stack.project, n) for n in spec.networks]
         with _mapped(f"container config for {name}"):
             return self._create(stack, spec, name, labels, stack_dir, nets)
 
@@ -328,38 +323,6 @@ class Engine:
         except EngineError:
             return ""
 
-    def wait_healthy(
-        self,
-        cid: str,
-        deadline_s: float,
-        has_healthcheck: bool,
-        stopping: Callable[[], bool] = lambda: False,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> str | None:
-        """None once healthy (or running, without a healthcheck); else why it is not.
-        ``stopping`` aborts the wait (the agent is shutting down: roll back rather than leave
-        an untested container in place)."""
-        end = time.monotonic() + deadline_s
-        while True:
-            if stopping():
-                return "the agent is stopping: rollout abandoned"
-            status, health, code = self.state(cid)
-            if status in ("exited", "dead", "restarting"):
-                tail = self.logs_tail(cid)
-                loop = " (restart loop)" if status == "restarting" else ""
-                return f"exited with code {code}{loop}" + (f": {tail.splitlines()[-1]}" if tail else "")
-            if has_healthcheck and health == "healthy":
-                return None
-            if has_healthcheck and health == "unhealthy":
-                return "healthcheck reports unhealthy"
-            if not has_healthcheck and status == "running":
-                # Without a healthcheck, running is ready (as for compose); give a service a
-                # healthcheck to have its new version watched and rolled back.
-                return None
-            if time.monotonic() >= end:
-                return f"not healthy within {deadline_s:.0f}s (status {status}, health {health})"
-            sleep(0.25)
-
 
 def _epoch(stamp: str) -> float:
     """Docker's RFC 3339 time with nanoseconds, as epoch seconds (0 if unreadable)."""
@@ -373,7 +336,7 @@ def _epoch(stamp: str) -> float:
 def _bind(kind: str, source: str, target: str, read_only: bool, stack: StackSpec, stack_dir: str) -> str:
     """``-v`` form: a missing host directory is created, as compose does."""
     if kind == "volume":
-        src = f"{stack.project}_{source}"
+        src = L.scoped(stack.project, source)
     elif source.startswith("/"):
         src = source
     else:

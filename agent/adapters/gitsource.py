@@ -300,3 +300,24 @@ def _summary(stderr: str, limit: int = 400) -> str:
     lines = [ln.strip().removeprefix("fatal: ").removeprefix("error: ") for ln in stderr.splitlines()]
     text = "; ".join(ln for ln in lines if ln and not ln.startswith(_GIT_BOILERPLATE)) or "git failed"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tree_commit(path: Path, timeout_s: float = 10.0) -> str:
+    """The commit a local desired-state tree comes from (12 hex), ``+dirty`` if it has edits
+    below ``path``; ``local`` when it is not in a git work tree (or git is not there)."""
+    env = {**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"}
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    sha = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+    if not sha:
+        return "local"
+    dirty = git("status", "--porcelain", "--untracked-files=normal", "--", ".")
+    return sha[:12] + ("+dirty" if dirty else "")

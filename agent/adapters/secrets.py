@@ -24,8 +24,9 @@ from typing import Protocol
 import yaml
 
 from agent.core.errors import SecretError
+from agent.core.redact import REDACTED
 
-REDACTED = "**REDACTED**"
+__all__ = ["REDACTED", "SecretResolver", "encrypt_secret", "keygen"]
 
 
 class SecretSource(Protocol):

@@ -173,7 +173,7 @@ def _print_problems(problems: list[Problem], stream: Any = None) -> None:
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.core.lint import validate_all
+    from agent.desired.validate import validate_all
 
     with _checkout(settings) as (repo, _commit):
         desired, problems = validate_all(repo, _resolver(settings, repo), settings.project_prefix)
@@ -234,11 +234,11 @@ def _write(path: Path, content: str, mode: int) -> Path:
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.adapters.engine import Engine
-    from agent.node.reconcile import reconcile_once
+    from agent.adapters.engine import DockerEngine
+    from agent.node.reconcile import PassOptions, reconcile_once
 
-    with Engine() as engine, _checkout(settings) as (repo, commit):
-        result = reconcile_once(settings, engine, repo=repo, commit=commit, dry_run=True)
+    with DockerEngine() as engine, _checkout(settings) as (repo, commit):
+        result = reconcile_once(settings, engine, repo, commit, PassOptions(dry_run=True))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -253,8 +253,8 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.adapters.engine import Engine
-    from agent.node.reconcile import reconcile_once
+    from agent.adapters.engine import DockerEngine
+    from agent.node.reconcile import PassOptions, reconcile_once
     from agent.node.state import StateStore
 
     paused = StateStore(settings.state_dir).load().paused
@@ -266,16 +266,9 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(f"  .. {message}", flush=True)
 
-    with Engine() as engine, _checkout(settings) as (repo, commit):
-        result = reconcile_once(
-            settings,
-            engine,
-            repo=repo,
-            commit=commit,
-            retry_quarantined=args.retry,
-            health_cap_s=args.health_timeout,
-            say=say,
-        )
+    with DockerEngine() as engine, _checkout(settings) as (repo, commit):
+        options = PassOptions(retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say)
+        result = reconcile_once(settings, engine, repo, commit, options)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

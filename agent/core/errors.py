@@ -7,7 +7,12 @@ these classes; nothing from PyYAML, Jinja2, pydantic or docker escapes them.
     AgentError
     ├── DesiredStateError      (holds one or more Problems: YAML, schema, template, lint)
     ├── SecretError            (a secret reference that cannot be resolved or decrypted)
-    └── ConfigError            (the agent's own configuration file / environment)
+    ├── ConfigError            (the agent's own configuration file / environment)
+    └── EngineError            (the container engine; raised by the Docker adapter and fakes)
+        ├── EngineUnavailable  (cannot be reached)
+        ├── ImageUnavailable   (neither present nor pullable)
+        ├── NotFound           (the container/network named is gone)
+        └── NetworkInUse       (a network still has endpoints)
 """
 
 from __future__ import annotations
@@ -56,3 +61,23 @@ class SecretError(AgentError):
 
 class ConfigError(AgentError):
     """The agent's own configuration (TOML file or ``AGENT_*`` variables) is wrong."""
+
+
+class EngineError(AgentError):
+    """The container engine refused or failed an operation; the message names the operation."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached at all (the daemon drops its client and reconnects)."""
+
+
+class ImageUnavailable(EngineError):
+    """An image is neither present nor pullable."""
+
+
+class NotFound(EngineError):
+    """The container or network an operation named is gone."""
+
+
+class NetworkInUse(EngineError):
+    """A network still has endpoints (another container uses it): left for a later pass."""

@@ -26,3 +26,11 @@ NETWORK = "com.docker.compose.network"
 VOLUME = "com.docker.compose.volume"
 VERSION = "com.docker.compose.version"
 WORKING_DIR = "com.docker.compose.project.working_dir"
+
+#: The Compose version our labels claim (what ``docker compose`` checks the labels against).
+COMPOSE_VERSION = "2.40.0"
+
+
+def scoped(project: str, name: str) -> str:
+    """Engine name of a project's network or volume, as compose names them: ``<project>_<name>``."""
+    return f"{project}_{name}"

@@ -204,7 +204,11 @@ class MotokoVars(Strict):
         return out
 
 
-ROLE_VARS: dict[str, type[Strict]] = {"gpu_node": GpuNodeVars, "motoko": MotokoVars}
+#: What a role is to the fleet (its ``role.yaml`` says): the gateway, or a model backend.
+RoleKind = Literal["gateway", "backend"]
+#: The variables' schema of each kind of role.
+ROLE_VARS: dict[RoleKind, type[Strict]] = {"backend": GpuNodeVars, "gateway": MotokoVars}
+ROLE_NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"
 
 # --------------------------------------------------------------------------- hosts/<host>.yaml
 
@@ -212,7 +216,7 @@ ROLE_VARS: dict[str, type[Strict]] = {"gpu_node": GpuNodeVars, "motoko": MotokoV
 class HostFile(Strict):
     """``hosts/<host>.yaml`` before its variables are checked against its role."""
 
-    role: Literal["motoko", "gpu_node"]
+    role: str = Field(pattern=ROLE_NAME_RE)
     #: How other hosts reach this one (DNS name or IP); default: the host's name.
     address: str | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
@@ -224,7 +228,8 @@ class Host(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     name: str
-    role: Literal["motoko", "gpu_node"]
+    role: str
+    kind: RoleKind
     address: str
     vars: GpuNodeVars | MotokoVars
     file: str
@@ -256,10 +261,10 @@ def parse(model: type[Strict], doc: Document, data: Any = None, prefix: tuple[st
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        raise DesiredStateError(_problems(exc, doc, prefix)) from None
+        raise DesiredStateError(problems_from(exc, doc, prefix)) from None
 
 
-def _problems(exc: ValidationError, doc: Document, prefix: tuple[str, ...]) -> list[Problem]:
+def problems_from(exc: ValidationError, doc: Document, prefix: tuple[str, ...]) -> list[Problem]:
     problems = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))

@@ -10,29 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from agent.core import hashing as spechash
 from agent.core import labels as L
 from agent.core.observed import Observed, ObservedContainer
-from agent.core.stack import ServiceSpec, StackSpec
+from agent.core.outcomes import MUTATING, ActionKind
 
-ActionKind = Literal[
-    "create_network",
-    "pull",
-    "create",
-    "recreate",
-    "start",
-    "reload",
-    "restart",
-    "remove",
-    "remove_network",
-    "conflict",
-    "noop",
-]
-MUTATING = frozenset(
-    {"create_network", "pull", "create", "recreate", "start", "reload", "restart", "remove", "remove_network"}
-)
+__all__ = ["MUTATING", "Action", "ActionKind", "Desired", "plan"]
+from agent.core.stack import ServiceSpec, StackSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +30,10 @@ class Action:
     signal: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.kind:<14} {self.target:<20} {self.reason}"
+        return f"{self.kind!s:<14} {self.target:<20} {self.reason}"
 
     def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {"action": self.kind, "target": self.target, "reason": self.reason}
+        out: dict[str, object] = {"action": str(self.kind), "target": self.target, "reason": self.reason}
         if self.changed:
             out["changed"] = list(self.changed)
         if self.container:
@@ -97,7 +82,7 @@ def container_labels(stack: StackSpec, want: Desired, host: str, commit: str, nu
         L.ONEOFF: "False",
         L.CONFIG_HASH: want.config_hash,
         L.IMAGE: want.image_id or "",
-        L.VERSION: "2.40.0",
+        L.VERSION: L.COMPOSE_VERSION,
         L.OWNER: L.OWNER_VALUE,
         L.HOST: host,
         L.COMMIT: commit,
@@ -114,167 +99,182 @@ def container_name(stack: StackSpec, service: str) -> str:
 
 
 def network_name(stack: StackSpec, network: str) -> str:
-    return f"{stack.project}_{network}"
+    return L.scoped(stack.project, network)
 
 
 def plan(stack: StackSpec, observed: Observed, on_config_change: Mapping[str, str] | None = None) -> list[Action]:
     """Actions that take ``observed`` to ``stack``, each with its reason. Pure."""
-    on_config_change = on_config_change or {}
-    actions: list[Action] = []
+    view = _View(stack, observed, on_config_change or {})
+    actions = [*_networks(stack, observed), *_pulls(stack, observed)]
+    for wave in stack.start_order():
+        for name in wave:
+            actions.extend(_service_actions(view, name))
+    return [*actions, *_orphans(view), *_unused_networks(stack, observed)]
 
-    ours = [c for c in observed.containers if c.owned and c.project == stack.project]
-    by_name = {c.name: c for c in observed.containers}
 
-    # Networks first: containers are created on them.
+@dataclass(frozen=True)
+class _View:
+    """What the per-service rules read: the stack, what runs, and the role's reload policy."""
+
+    stack: StackSpec
+    observed: Observed
+    on_config_change: Mapping[str, str]
+
+    @property
+    def ours(self) -> list[ObservedContainer]:
+        return [c for c in self.observed.containers if c.owned and c.project == self.stack.project]
+
+    def named(self, name: str) -> ObservedContainer | None:
+        return next((c for c in self.observed.containers if c.name == name), None)
+
+
+def _networks(stack: StackSpec, observed: Observed) -> list[Action]:
+    """Networks first: containers are created on them."""
+    out = []
     for net in sorted(stack.networks.values(), key=lambda n: n.name):
         used = any(net.name in s.networks for s in stack.services.values())
         full = network_name(stack, net.name)
         if used and not net.external and full not in observed.networks:
-            actions.append(Action("create_network", full, "network does not exist"))
-
-    # Images not present locally are pulled before anything is stopped.
-    for image in sorted({s.image for s in stack.services.values()}):
-        if observed.images.get(image) is None:
-            actions.append(Action("pull", image, "image not present locally"))
-
-    for wave in stack.start_order():
-        for name in wave:
-            actions.extend(_service_actions(stack, name, observed, ours, by_name, on_config_change))
-
-    # Orphans: our containers for services that left the desired state.
-    for c in sorted(ours, key=lambda c: c.name):
-        if c.service not in stack.services:
-            actions.append(
-                Action(
-                    "remove",
-                    c.service or c.name,
-                    f"service '{c.service}' is no longer in the desired state",
-                    container=c.id,
-                )
-            )
-    # Networks of ours that no service uses any more (volumes are data: never removed).
-    wanted = {network_name(stack, n) for s in stack.services.values() for n in s.networks}
-    for owned in observed.owned_networks:
-        if owned not in wanted:
-            actions.append(Action("remove_network", owned, "network no longer used by the desired state"))
-    return actions
+            out.append(Action(ActionKind.CREATE_NETWORK, full, "network does not exist"))
+    return out
 
 
-def _service_actions(
-    stack: StackSpec,
-    name: str,
-    observed: Observed,
-    ours: list[ObservedContainer],
-    by_name: dict[str, ObservedContainer],
-    on_config_change: Mapping[str, str],
-) -> list[Action]:
-    want = desired_service(stack, name, observed.images.get(stack.services[name].image))
-    mine = sorted(
-        (c for c in ours if c.service == name), key=lambda c: (c.state != "running", c.created), reverse=False
-    )
-    cname = container_name(stack, name)
-
-    # Case: someone else's container holds the name we need.
-    squatter = by_name.get(cname)
-    if squatter is not None and not squatter.owned:
-        return [
-            Action(
-                "conflict",
-                name,
-                f"container '{cname}' exists but is not owned by llm-agent; "
-                f"it is left alone and '{name}' cannot be created",
-                container=squatter.id,
-            )
-        ]
-
-    actions: list[Action] = []
-    # Case: an interrupted pass left more than one container for the service. Keep the new
-    # one only if it proved healthy; otherwise the known-good old one, and roll out again.
-    if len(mine) > 1:
-        proven = [
-            c
-            for c in mine
-            if c.labels.get(L.SPEC_HASH) == want.spec_hash and c.state == "running" and c.health in (None, "healthy")
-        ]
-        known_good = [c for c in mine if c.labels.get(L.SPEC_HASH) != want.spec_hash]
-        keep = (proven or known_good or mine)[0]
-        for extra in mine:
-            if extra is not keep:
-                actions.append(
-                    Action(
-                        "remove",
-                        name,
-                        f"duplicate container {extra.name} (left by an interrupted pass)",
-                        container=extra.id,
-                    )
-                )
-        mine = [keep]
-
-    # Case: not there at all.
-    if not mine:
-        return [*actions, Action("create", name, "no container for this service")]
-    current = mine[0]
-
-    # Case: right spec, but left under a temporary name by an interrupted replacement.
-    if current.labels.get(L.SPEC_HASH) == want.spec_hash and current.name != cname:
-        return [
-            *actions,
-            Action(
-                "recreate",
-                name,
-                f"container has the temporary name {current.name} (interrupted pass)",
-                container=current.id,
-            ),
-        ]
-
-    # Case: the spec or the image changed: only a new container applies it.
-    if current.labels.get(L.SPEC_HASH) != want.spec_hash:
-        changed = _changed(current.json_label(L.FIELDS), want.fields)
-        if want.image_id is None:
-            reason = f"image {want.spec.image} not present locally (pull, then recreate)"
-        elif changed == ("image_id",):
-            reason = (
-                f"image id changed behind '{want.spec.image}': {_short(current.image_id)} -> {_short(want.image_id)}"
-            )
-        elif changed:
-            reason = "changed: " + ", ".join(changed)
-        else:
-            reason = "spec hash differs (container was changed outside the agent)"
-        return [*actions, Action("recreate", name, reason, changed, container=current.id)]
-
-    # Case: only mounted file contents changed: the role's declared action.
-    if current.labels.get(L.FILES_HASH) != want.files_hash:
-        files = _changed(current.json_label(L.FILES), want.files) or ("mounted files",)
-        what = ", ".join(files)
-        policy = on_config_change.get(name, "restart")
-        if current.state != "running":
-            return [
-                *actions,
-                Action(
-                    "restart",
-                    name,
-                    f"{what} changed; container is {current.state}, starting it with the new files",
-                    files,
-                    current.id,
-                ),
-            ]
-        if policy.startswith("signal:"):
-            sig = policy.removeprefix("signal:")
-            return [
-                *actions,
-                Action("reload", name, f"{what} changed; role policy: reload with {sig}", files, current.id, sig),
-            ]
-        kind: ActionKind = "recreate" if policy == "recreate" else "restart"
-        return [*actions, Action(kind, name, f"{what} changed; role policy: {policy}", files, current.id)]
-
-    # Case: right spec, but not running.
-    if current.state != "running":
-        return [*actions, Action("start", name, f"container is {current.state}", container=current.id)]
-
+def _pulls(stack: StackSpec, observed: Observed) -> list[Action]:
+    """Images not present locally are pulled before anything is stopped."""
     return [
-        *actions,
-        Action("noop", name, "up to date" + (f" ({current.health})" if current.health else ""), container=current.id),
+        Action(ActionKind.PULL, image, "image not present locally")
+        for image in sorted({s.image for s in stack.services.values()})
+        if observed.images.get(image) is None
     ]
+
+
+def _orphans(view: _View) -> list[Action]:
+    """Our containers for services that left the desired state."""
+    return [
+        Action(
+            ActionKind.REMOVE,
+            c.service or c.name,
+            f"service '{c.service}' is no longer in the desired state",
+            container=c.id,
+        )
+        for c in sorted(view.ours, key=lambda c: c.name)
+        if c.service not in view.stack.services
+    ]
+
+
+def _unused_networks(stack: StackSpec, observed: Observed) -> list[Action]:
+    """Networks of ours that no service uses any more (volumes are data: never removed)."""
+    wanted = {network_name(stack, n) for s in stack.services.values() for n in s.networks}
+    return [
+        Action(ActionKind.REMOVE_NETWORK, owned, "network no longer used by the desired state")
+        for owned in observed.owned_networks
+        if owned not in wanted
+    ]
+
+
+def _service_actions(view: _View, name: str) -> list[Action]:
+    """The rules for one service, in order; the first that applies decides."""
+    stack = view.stack
+    want = desired_service(stack, name, view.observed.images.get(stack.services[name].image))
+    cname = container_name(stack, name)
+    squatter = view.named(cname)
+    if squatter is not None and not squatter.owned:
+        return [_conflict(name, cname, squatter)]
+    mine = sorted((c for c in view.ours if c.service == name), key=lambda c: (c.state != "running", c.created))
+    removals, current = _dedupe(name, mine, want)
+    if current is None:
+        return [*removals, Action(ActionKind.CREATE, name, "no container for this service")]
+    rules = (_renamed, _spec_changed, _files_changed, _not_running)
+    for rule in rules:
+        action = rule(view, name, current, want)
+        if action is not None:
+            return [*removals, action]
+    up = "up to date" + (f" ({current.health})" if current.health else "")
+    return [*removals, Action(ActionKind.NOOP, name, up, container=current.id)]
+
+
+def _conflict(name: str, cname: str, squatter: ObservedContainer) -> Action:
+    """Someone else's container holds the name we need."""
+    return Action(
+        ActionKind.CONFLICT,
+        name,
+        f"container '{cname}' exists but is not owned by llm-agent; it is left alone and '{name}' cannot be created",
+        container=squatter.id,
+    )
+
+
+def _dedupe(name: str, mine: list[ObservedContainer], want: Desired) -> tuple[list[Action], ObservedContainer | None]:
+    """An interrupted pass left more than one container for the service: keep the new one only
+    if it proved healthy; otherwise the known-good old one (and roll out again)."""
+    if len(mine) <= 1:
+        return [], (mine[0] if mine else None)
+    proven = [
+        c
+        for c in mine
+        if c.labels.get(L.SPEC_HASH) == want.spec_hash and c.state == "running" and c.health in (None, "healthy")
+    ]
+    known_good = [c for c in mine if c.labels.get(L.SPEC_HASH) != want.spec_hash]
+    keep = (proven or known_good or mine)[0]
+    removals = [
+        Action(
+            ActionKind.REMOVE,
+            name,
+            f"duplicate container {extra.name} (left by an interrupted pass)",
+            container=extra.id,
+        )
+        for extra in mine
+        if extra is not keep
+    ]
+    return removals, keep
+
+
+def _renamed(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """Right spec, but left under a temporary name by an interrupted replacement."""
+    if current.labels.get(L.SPEC_HASH) == want.spec_hash and current.name != container_name(view.stack, name):
+        reason = f"container has the temporary name {current.name} (interrupted pass)"
+        return Action(ActionKind.RECREATE, name, reason, container=current.id)
+    return None
+
+
+def _spec_changed(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """The spec or the image changed: only a new container applies it."""
+    if current.labels.get(L.SPEC_HASH) == want.spec_hash:
+        return None
+    changed = _changed(current.json_label(L.FIELDS), want.fields)
+    if want.image_id is None:
+        reason = f"image {want.spec.image} not present locally (pull, then recreate)"
+    elif changed == ("image_id",):
+        reason = f"image id changed behind '{want.spec.image}': {_short(current.image_id)} -> {_short(want.image_id)}"
+    elif changed:
+        reason = "changed: " + ", ".join(changed)
+    else:
+        reason = "spec hash differs (container was changed outside the agent)"
+    return Action(ActionKind.RECREATE, name, reason, changed, container=current.id)
+
+
+def _files_changed(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """Only mounted file contents changed: the role's declared action."""
+    if current.labels.get(L.FILES_HASH) == want.files_hash:
+        return None
+    files = _changed(current.json_label(L.FILES), want.files) or ("mounted files",)
+    what = ", ".join(files)
+    policy = view.on_config_change.get(name, "restart")
+    if current.state != "running":
+        reason = f"{what} changed; container is {current.state}, starting it with the new files"
+        return Action(ActionKind.RESTART, name, reason, files, current.id)
+    if policy.startswith("signal:"):
+        sig = policy.removeprefix("signal:")
+        reason = f"{what} changed; role policy: reload with {sig}"
+        return Action(ActionKind.RELOAD, name, reason, files, current.id, sig)
+    kind = ActionKind.RECREATE if policy == "recreate" else ActionKind.RESTART
+    return Action(kind, name, f"{what} changed; role policy: {policy}", files, current.id)
+
+
+def _not_running(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """Right spec, but not running."""
+    if current.state != "running":
+        return Action(ActionKind.START, name, f"container is {current.state}", container=current.id)
+    return None
 
 
 def _changed(old: Mapping[str, str], new: Mapping[str, str]) -> tuple[str, ...]:
@@ -286,4 +286,4 @@ def _short(image_id: str | None) -> str:
 
 
 def pending(actions: list[Action]) -> bool:
-    return any(a.kind in MUTATING or a.kind == "conflict" for a in actions)
+    return any(a.kind in MUTATING or a.kind is ActionKind.CONFLICT for a in actions)

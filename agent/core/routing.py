@@ -1,6 +1,7 @@
 """Routing: which backend serves each alias, and the LiteLLM config that says so.
 
-Pure functions of the desired state, the routing policy and (later) the fleet's health:
+Pure functions of the desired state, the routing policy and the fleet's health (until the
+fleet reports health, every backend counts as healthy):
 
 - ``backends(desired)``: every backend the fleet declares, with the alias it natively serves;
 - ``decide(policy, backends, health, budget_exceeded)``: for each alias, the backend serving
@@ -10,8 +11,9 @@ Pure functions of the desired state, the routing policy and (later) the fleet's 
   ``num_retries: 0``, per-deployment timeouts, budget via ``provider_budget_config`` backed
   by Redis, no background health checks on paid models, master key from the environment).
 
-The motoko agent re-runs ``decide`` when health changes and reloads the proxy with the new
-config (SIGHUP), never restarting it.
+A change of routing is a change of the rendered config, which the gateway role reloads in
+place (SIGHUP), never restarting the proxy. The config holds which backend serves each alias,
+never *why*: reasons go to status and logs, so a reworded reason is not a reload.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
     out: list[Backend] = []
     problems: list[Problem] = []
     motoko = hosts.get(fleet.motoko)
-    overrides = motoko.motoko.backend_overrides() if motoko and motoko.role == "motoko" else {}
+    gateway = motoko if motoko is not None and motoko.kind == "gateway" else None
+    overrides = gateway.motoko.backend_overrides() if gateway else {}
     for name, host in sorted(hosts.items()):
-        if host.role != "gpu_node":
+        if host.kind != "backend":
             continue
         v = host.gpu
         over = overrides.get(name, {})
@@ -84,8 +87,8 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
         for i, alias in enumerate(v.serves):
             file, line = where(name, "vars", "serves", i)
             out.append(Backend(name, alias, "vllm", model, api_base, name, v.max_model_len, file, line))
-    if motoko and motoko.role == "motoko":
-        m = motoko.motoko
+    if gateway is not None:
+        m = gateway.motoko
         file, line = where(fleet.motoko, "vars", "embed_base_url")
         out.append(
             Backend(
@@ -101,7 +104,7 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
             )
         )
         for host_name, keys in overrides.items():
-            if host_name not in hosts or hosts[host_name].role != "gpu_node":
+            if host_name not in hosts or hosts[host_name].kind != "backend":
                 for what in keys:
                     file, line = where(fleet.motoko, "vars", f"{host_name}_{what}")
                     problems.append(

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.core.errors import DesiredStateError, Problem
-from agent.core.model import _problems
+from agent.core.model import problems_from
 from agent.core.yamlsrc import Document
 
 # --------------------------------------------------------------------------- our spec
@@ -291,7 +291,7 @@ def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> S
     try:
         raw = _Compose.model_validate(data if isinstance(data, dict) else {})
     except ValidationError as exc:
-        raise DesiredStateError(_problems(exc, doc, ())) from None
+        raise DesiredStateError(problems_from(exc, doc, ())) from None
 
     problems: list[Problem] = []
     services: dict[str, ServiceSpec] = {}

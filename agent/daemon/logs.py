@@ -9,42 +9,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
-from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-from agent.adapters.secrets import REDACTED
+from agent.core.redact import Redactor
 
-
-class Redactor:
-    """A structlog processor that blanks known secret values (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._values: frozenset[str] = frozenset()
-        self._lock = threading.Lock()
-
-    def add(self, value: str) -> None:
-        if len(value) >= 4:
-            with self._lock:
-                self._values = self._values | {value}
-
-    def scrub(self, text: str) -> str:
-        for value in self._values:
-            if value in text:
-                text = text.replace(value, REDACTED)
-        return text
-
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        if not self._values:
-            return event
-        for key, value in list(event.items()):
-            if isinstance(value, str):
-                event[key] = self.scrub(value)
-            elif isinstance(value, list | tuple | dict):
-                event[key] = self.scrub(repr(value))
-        return event
+__all__ = ["Redactor", "configure"]
 
 
 def configure(

@@ -8,38 +8,17 @@ of one exact commit). Every problem found in every file is collected before rais
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from agent.core.errors import DesiredStateError, Problem
-from agent.core.model import HOST_NAME_RE, ROLE_VARS, Fleet, Host, HostFile, _problems, parse
+from agent.core.fleet import DesiredState
+from agent.core.model import HOST_NAME_RE, ROLE_VARS, Fleet, Host, HostFile, parse, problems_from
+from agent.core.roles import Role
 from agent.core.yamlsrc import Document, load
-from agent.desired.roles import Role, load_role
-
-
-@dataclass(frozen=True)
-class DesiredState:
-    root: Path
-    fleet: Fleet
-    fleet_doc: Document
-    hosts: dict[str, Host]
-    docs: dict[str, Document] = field(repr=False)
-    roles: dict[str, Role] = field(repr=False)
-
-    def host(self, name: str) -> Host:
-        try:
-            return self.hosts[name]
-        except KeyError:
-            known = ", ".join(sorted(self.hosts)) or "none"
-            raise DesiredStateError.single(
-                f"hosts/{name}.yaml", None, f"no such host '{name}' (hosts: {known})"
-            ) from None
-
-    def doc(self, host: str) -> Document:
-        return self.docs[host]
+from agent.desired.roles import load_role
 
 
 def load_desired(root: Path) -> DesiredState:
@@ -107,10 +86,10 @@ def _host(name: str, doc: Document, root: Path, roles: dict[str, Role]) -> Host:
     role = roles[header.role]
     merged: dict[str, Any] = {**role.defaults, **header.vars}
     try:
-        variables = ROLE_VARS[header.role].model_validate(merged)
+        variables = ROLE_VARS[role.spec.kind].model_validate(merged)
     except ValidationError as exc:
         problems = []
-        for problem, err in zip(_problems(exc, doc, ("vars",)), exc.errors(), strict=True):
+        for problem, err in zip(problems_from(exc, doc, ("vars",)), exc.errors(), strict=True):
             key = err["loc"][0] if err["loc"] else None
             if key is not None and key not in header.vars and key in role.defaults:
                 # The bad value came from the role's defaults, not from this host.
@@ -118,4 +97,9 @@ def _host(name: str, doc: Document, root: Path, roles: dict[str, Role]) -> Host:
             else:
                 problems.append(problem)
         raise DesiredStateError(problems) from None
-    return Host(name=name, role=header.role, address=header.address or name, vars=variables, file=doc.name)
+    return Host(
+        name=name, role=header.role, kind=role.spec.kind, address=header.address or name, vars=variables, file=doc.name
+    )
+
+
+__all__ = ["DesiredState", "load_desired"]

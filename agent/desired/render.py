@@ -4,68 +4,70 @@ Templates run in Jinja2's immutable sandbox with ``StrictUndefined``: a missing 
 an error carrying the template path, line and the lines around it, never an empty string.
 The rendered compose text is parsed into our typed ``StackSpec`` (``agent.stack``).
 
-Secrets: a ``{secret: NAME}`` variable renders as ``**REDACTED**`` unless ``reveal`` is set;
-with ``reveal`` the value is used and must land only in files the role marks ``secret``
-(the 0600 env file). Anything else is refused.
+Secrets: a ``{secret: NAME}`` variable can be used only in the files the role marks
+``secret`` (the 0600 env file); anywhere else (the compose file, the proxy config, even through
+a filter such as ``| upper``) using it is a template error. In a secret file it renders as
+``**REDACTED**`` unless ``reveal`` is set. Values are resolved through the ``Secrets`` port
+(``agent.core.ports``); no message ever quotes one.
 """
 
 from __future__ import annotations
 
 import json
 import traceback
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.sandbox
 
-from agent.adapters.secrets import REDACTED, SecretResolver
 from agent.core.errors import DesiredStateError, Problem
+from agent.core.fleet import DesiredState
 from agent.core.model import Host, SecretRef
+from agent.core.ports import Secrets
+from agent.core.redact import REDACTED, scrub
+from agent.core.rendered import RenderedStack, project_name
+from agent.core.roles import Role
 from agent.core.routing import Decision, Health, backends, decide, litellm_config
-from agent.core.stack import StackFile, StackSpec, parse_compose
+from agent.core.stack import StackFile, parse_compose
 from agent.core.yamlsrc import dump, load
-from agent.desired.load import DesiredState
-from agent.desired.roles import Role
+
+
+class SecretMisuse(Exception):
+    """A secret was used in a file the role does not mark as secret."""
 
 
 class Secret:
-    """What a template sees for a secret variable: the value only when revealing."""
+    """What a template sees for a secret variable: the value only when revealing, and only in
+    a secret file (``confined``: any use at all is an error)."""
 
-    __slots__ = ("_value", "name")
+    __slots__ = ("_confined", "_value", "name")
 
-    def __init__(self, name: str, value: str | None) -> None:
+    def __init__(self, name: str, value: str | None, confined: bool = False) -> None:
         self.name = name
         self._value = value
+        self._confined = confined
+
+    def confine(self) -> Secret:
+        return Secret(self.name, None, confined=True)
 
     def __str__(self) -> str:
+        if self._confined:
+            raise SecretMisuse(
+                f"secret '{self.name}' used outside the role's secret file (secrets may go only in a file "
+                "role.yaml marks 'secret: true')"
+            )
         return self._value if self._value is not None else REDACTED
 
     def __html__(self) -> str:  # pragma: no cover - autoescape is off
         return str(self)
 
 
-@dataclass(frozen=True)
-class RenderedStack:
-    host: str
-    role: str
-    project: str
-    compose: str
-    stack: StackSpec
-    decisions: Mapping[str, Decision]
-
-
-def project_name(host: str, prefix: str = "") -> str:
-    """Compose project of a host's stack: ``<prefix><host>`` (compose wants lowercase)."""
-    return f"{prefix}{host}".lower()
-
-
 def render_host(
     desired: DesiredState,
     host_name: str,
-    secrets: SecretResolver,
+    secrets: Secrets,
     *,
     reveal: bool = False,
     prefix: str = "",
@@ -79,7 +81,7 @@ def render_host(
 
     context = _context(desired, host, project, prefix)
     decisions: Mapping[str, Decision] = {}
-    if host.role == "motoko":
+    if host.kind == "gateway":
         table, _ = backends(desired.fleet, desired.hosts)
         decisions = decide(desired.fleet.routing, table, health, budget_exceeded)
         context["routing"] = decisions
@@ -104,11 +106,13 @@ def render_host(
         raise DesiredStateError(problems)
 
     env = _environment(role)
+    confined = {k: v.confine() if isinstance(v, Secret) else v for k, v in context.items()}
+    hide = secrets.known_values
     files: dict[str, StackFile] = {}
     for rf in role.spec.files:
-        text = _render(env, role, rf.template, context)
+        text = _render_hiding(hide, env, role, rf.template, context if rf.secret else confined)
         files[rf.path] = StackFile(path=rf.path, content=text, mode=int(rf.mode, 8), secret=rf.secret)
-    compose_text = _render(env, role, role.spec.compose, context)
+    compose_text = _render_hiding(hide, env, role, role.spec.compose, confined)
 
     if reveal:
         _refuse_leaks(secrets, files, compose_text, f"{role.shown}/templates/{role.spec.compose}")
@@ -122,7 +126,7 @@ def render_host(
 def _context(desired: DesiredState, host: Host, project: str, prefix: str) -> dict[str, Any]:
     variables = dict(host.vars)  # field values, SecretRef objects kept as they are
     variables.update(host.vars.model_extra or {})
-    if host.role == "gpu_node":
+    if host.kind == "backend":
         variables["served_model_name"] = host.gpu.served_name
         variables["vllm_published_port"] = host.gpu.published_port
     else:
@@ -157,6 +161,20 @@ def _tojson(value: Any) -> str:
     if isinstance(value, jinja2.Undefined):
         value._fail_with_undefined_error()  # StrictUndefined: the located "is undefined" error
     return json.dumps(value, ensure_ascii=False)
+
+
+def _render_hiding(
+    hide: Callable[[], list[str]], env: jinja2.Environment, role: Role, name: str, context: dict[str, Any]
+) -> str:
+    """``_render``, with every secret value resolved so far scrubbed from its error messages
+    (a filter's error quotes its input: ``invalid literal for int(): 'sk-...'``)."""
+    try:
+        return _render(env, role, name, context)
+    except DesiredStateError as exc:
+        values = hide()
+        raise DesiredStateError(
+            Problem(p.file, p.line, scrub(p.message, values), p.severity) for p in exc.problems
+        ) from None
 
 
 def _render(env: jinja2.Environment, role: Role, name: str, context: dict[str, Any]) -> str:
@@ -196,7 +214,7 @@ def _template_error(shown: str, path: str, line: int | None, message: str) -> De
     return DesiredStateError.single(shown, line, message)
 
 
-def _refuse_leaks(secrets: SecretResolver, files: dict[str, StackFile], compose: str, compose_name: str) -> None:
+def _refuse_leaks(secrets: Secrets, files: dict[str, StackFile], compose: str, compose_name: str) -> None:
     values = [v for v in secrets.known_values() if len(v) >= 4]
     places = [(f.path, f.content) for f in files.values() if not f.secret] + [(compose_name, compose)]
     for where, text in places:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import Field, field_validator
 
 from agent.core.errors import DesiredStateError
-from agent.core.model import Strict, parse
-from agent.core.yamlsrc import Document, load
+from agent.core.model import parse
+from agent.core.roles import Role, RoleSpec
+from agent.core.yamlsrc import load
 
 
 def _builtin_roles() -> Path:
@@ -30,65 +28,6 @@ def _builtin_roles() -> Path:
 
 
 BUILTIN_ROLES = _builtin_roles()
-
-ConfigChangeAction = Literal["restart", "recreate"] | str
-
-
-class RoleFile(Strict):
-    """One extra file of the stack, rendered from a template, written under the stack dir."""
-
-    template: str
-    path: str
-    mode: str = Field("0644", pattern=r"^0[0-7]{3}$")
-    #: True for the env file: the only place secret values may appear.
-    secret: bool = False
-
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, value: str) -> str:
-        parts = Path(value).parts
-        if Path(value).is_absolute() or ".." in parts:
-            raise ValueError(f"file path '{value}' must stay inside the stack directory")
-        return value
-
-
-class RoleSpec(Strict):
-    description: str = ""
-    compose: str = "compose.yaml.j2"
-    files: list[RoleFile] = Field(default_factory=list)
-    #: service -> action when one of its mounted files changes: ``signal:SIGHUP`` (reload in
-    #: place), ``restart`` or ``recreate``. Services not listed are restarted.
-    on_config_change: dict[str, str] = Field(default_factory=dict)
-    #: service -> how many times a new container that misses its health deadline (without
-    #: exiting) is restarted before the rollout counts as failed. For servers known to hang
-    #: now and then on a cold start.
-    start_retries: dict[str, Annotated[int, Field(ge=0, le=5)]] = Field(default_factory=dict)
-
-    @field_validator("on_config_change")
-    @classmethod
-    def _actions(cls, value: dict[str, str]) -> dict[str, str]:
-        for service, action in value.items():
-            if action not in ("restart", "recreate") and not action.startswith("signal:SIG"):
-                raise ValueError(f"on_config_change.{service}: '{action}' is not restart, recreate or signal:SIGxxx")
-        return value
-
-
-class Role:
-    """A loaded role: its spec, its defaults and where its templates are."""
-
-    def __init__(
-        self, name: str, root: Path, spec: RoleSpec, defaults: dict[str, Any], defaults_doc: Document, shown: str
-    ):
-        self.name = name
-        self.shown = shown  # how messages name the role folder
-        self.root = root
-        self.spec = spec
-        self.defaults = defaults
-        self.defaults_doc = defaults_doc
-
-    @property
-    def templates(self) -> Path:
-        return self.root / "templates"
 
 
 def search_path(repo: Path) -> list[Path]:

@@ -1,16 +1,18 @@
 """Carries out a plan against the engine: files, networks, then containers, safely.
 
-The only place that changes anything. Order and safety rules:
+The only place that changes anything. Its phases, in order (``Executor.apply``):
 
-- images are pulled before anything running is touched; an image that cannot be had fails
-  the pass with nothing changed;
-- stack files are written atomically into the stack directory (mounted as directories), and
-  put back as they were if the pass fails;
-- services start in ``depends_on`` waves, independent ones in parallel (up to 8 workers), and
-  each waits for health within a deadline that honours its healthcheck's start period;
-- a replacement creates the new container before the old one stops; where no host port is in
-  the way, the new one is healthy before the old one goes. A new container that fails its
-  deadline or exits is removed and the old one brought back.
+1. ``_refuse_conflicts``: a container we do not own holds a name we need: nothing is done;
+2. ``_images``: images are pulled before anything running is touched; an image that cannot
+   be had fails the pass with nothing changed;
+3. ``_prepare``: stack files are written atomically into the stack directory (and put back as
+   they were if the pass fails), networks and volumes created;
+4. ``_services``: services start in ``depends_on`` waves, independent ones in parallel (up to
+   8 workers), each waiting for health within a deadline that honours its healthcheck's start
+   period. A replacement creates the new container before the old one stops; where no host
+   port is in the way, the new one is healthy before the old one goes. A new container that
+   fails its deadline or exits is removed and the old one brought back;
+5. ``_cleanup``: orphans and unused networks, once everything wanted is up.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import contextvars
 import json
 import secrets as pysecrets
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,18 +28,27 @@ from pathlib import Path
 
 import structlog
 
-from agent.adapters.engine import Engine, EngineError
 from agent.adapters.fs import write_atomic
 from agent.core import labels as L
+from agent.core.errors import EngineError, EngineUnavailable
 from agent.core.hashing import canonical_json
 from agent.core.observed import Observed
+from agent.core.outcomes import MUTATING, ActionKind, Failure, HealthWait, WaitEnd
 from agent.core.plan import Action, Desired, container_labels, container_name, desired_service, network_name
+from agent.core.ports import Clock, Engine, SystemClock
 from agent.core.stack import ServiceSpec, StackSpec
 
 log = structlog.get_logger("agent.executor")
 
 MAX_WORKERS = 8
-STOPPING = "the agent is stopping"
+#: While waiting for a service to become healthy, say so this often (a model can take minutes).
+WAIT_NOTE_S = 15.0
+#: How often the container's state is polled while waiting.
+POLL_S = 0.25
+#: Actions the service workers carry out (removals of orphans are the cleanup's).
+SERVICE_KINDS = frozenset(
+    {ActionKind.CREATE, ActionKind.RECREATE, ActionKind.START, ActionKind.RELOAD, ActionKind.RESTART, ActionKind.NOOP}
+)
 
 
 @dataclass
@@ -59,10 +69,25 @@ class ApplyResult:
     rolled_back: bool = False
     #: a new version did not come up (worth quarantining that desired state)
     rollout_failed: bool = False
+    failure: Failure | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None and all(o.ok for o in self.outcomes)
+
+    def changed(self) -> list[Outcome]:
+        """Outcomes that changed something on the engine."""
+        return [o for o in self.outcomes if o.ok and o.action.kind in MUTATING]
+
+    def fail(self, action: Action, message: str, error: str | None = None, failure: Failure = Failure.ENGINE) -> None:
+        self.outcomes.append(Outcome(action, False, message))
+        if self.error is None:
+            self.error, self.failure = error or message, failure
+
+    def engine_failed(self, exc: EngineError, message: str | None = None) -> None:
+        if self.error is None:
+            self.error = message or str(exc)
+            self.failure = Failure.ENGINE_UNAVAILABLE if isinstance(exc, EngineUnavailable) else Failure.ENGINE
 
 
 class ServiceFailed(Exception):
@@ -80,28 +105,31 @@ def health_deadline(spec: ServiceSpec, cap: float | None) -> float:
     return min(deadline, cap) if cap else deadline
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """What one apply acts for and how patient it is."""
+
+    host: str
+    commit: str
+    #: cap, in seconds, on waiting for one service to be healthy
+    health_cap_s: float | None = None
+    say: Callable[[str], None] = lambda message: None
+    #: the agent is shutting down: abandon waits (roll back, not quarantined)
+    stopping: Callable[[], bool] = lambda: False
+    #: without a healthcheck, how long a reloaded service must stay up to count as reloaded
+    reload_settle_s: float = 2.0
+    #: service -> restarts allowed for a new container that misses its deadline (role.yaml)
+    start_retries: Mapping[str, int] = field(default_factory=dict)
+
+
 class Executor:
-    def __init__(
-        self,
-        engine: Engine,
-        stack_dir: Path,
-        host: str,
-        commit: str,
-        health_cap_s: float | None = None,
-        on_event: Callable[[str], None] | None = None,
-        stopping: Callable[[], bool] = lambda: False,
-        reload_settle_s: float = 2.0,
-        start_retries: Mapping[str, int] | None = None,
-    ) -> None:
-        self.start_retries = dict(start_retries or {})
+    def __init__(self, engine: Engine, stack_dir: Path, rollout: Rollout, clock: Clock | None = None) -> None:
         self.engine = engine
         self.stack_dir = stack_dir
-        self.host = host
-        self.commit = commit
-        self.health_cap_s = health_cap_s
-        self.say = on_event or (lambda msg: None)
-        self.stopping = stopping
-        self.reload_settle_s = reload_settle_s
+        self.rollout = rollout
+        self.clock = clock or SystemClock()
+        self.say = rollout.say
+        self.stopping = rollout.stopping
         self._previous: dict[Path, tuple[bytes, int] | None] = {}
 
     def apply(
@@ -109,102 +137,126 @@ class Executor:
     ) -> ApplyResult:
         """Carry out ``actions``; ``known_images`` are the image ids the pass observed."""
         result = ApplyResult()
-        conflicts = [a for a in actions if a.kind == "conflict"]
-        if conflicts:
-            result.outcomes = [Outcome(a, False, a.reason) for a in conflicts]
-            result.error = conflicts[0].reason
+        if self._refuse_conflicts(actions, result):
             return result
+        image_ids = self._images(stack, actions, known_images or {}, result)
+        if image_ids is None:
+            return result
+        self._previous = {}
+        try:
+            self._prepare(stack, actions, result)
+            self._services(stack, actions, image_ids, result)
+            if result.error is None:
+                self._cleanup(stack, actions, result)
+        except EngineError as exc:
+            result.engine_failed(exc)
+        except OSError as exc:  # the stack directory: disk full, permissions
+            result.error = result.error or f"cannot write stack files under {self.stack_dir}: {exc.strerror}"
+            result.failure = result.failure or Failure.STATE
+        if result.error is not None:
+            self._restore_files(self._previous)
+        return result
 
-        # 1. Images, before anything running is touched.
-        image_ids: dict[str, str | None] = {k: v for k, v in (known_images or {}).items() if v}
+    # ------------------------------------------------------------------ phases
+
+    def _refuse_conflicts(self, actions: list[Action], result: ApplyResult) -> bool:
         for action in actions:
-            if action.kind == "pull":
+            if action.kind is ActionKind.CONFLICT:
+                result.fail(action, action.reason, failure=Failure.CONFLICT)
+        return result.error is not None
+
+    def _images(
+        self, stack: StackSpec, actions: list[Action], known: dict[str, str | None], result: ApplyResult
+    ) -> dict[str, str | None] | None:
+        """Every image the stack needs, by id; None (and the pass failed) if one cannot be had."""
+        image_ids: dict[str, str | None] = {k: v for k, v in known.items() if v}
+        for action in actions:
+            if action.kind is ActionKind.PULL:
                 self.say(f"pulling {action.target}")
                 try:
                     image_ids[action.target] = self.engine.pull(action.target)
                 except EngineError as exc:
                     result.outcomes.append(Outcome(action, False, str(exc)))
-                    result.error = f"image {action.target} cannot be had: {exc}; nothing was changed"
-                    return result
+                    result.engine_failed(exc, f"image {action.target} cannot be had: {exc}; nothing was changed")
+                    return None
                 result.outcomes.append(Outcome(action, True, f"pulled {action.target}"))
         for svc in stack.services.values():
             if svc.image not in image_ids:
                 image_ids[svc.image] = self.engine.image_id(svc.image)
             if image_ids[svc.image] is None:
                 result.error = f"image {svc.image} is not present and was not pulled; nothing was changed"
-                return result
+                result.failure = Failure.ENGINE
+                return None
+        return image_ids
 
-        # 2. Files (kept to put back on failure), networks.
-        self._previous = {}
-        try:
-            self._write_files(stack)
-            for action in actions:
-                if action.kind == "create_network":
-                    net = next(n for n in stack.networks.values() if network_name(stack, n.name) == action.target)
-                    self.engine.ensure_network(action.target, stack.project, net.name, net.driver)
-                    result.outcomes.append(Outcome(action, True))
-            for vol in stack.volumes.values():
-                if not vol.external:
-                    self.engine.ensure_volume(f"{stack.project}_{vol.name}", stack.project, vol.name, vol.driver)
+    def _prepare(self, stack: StackSpec, actions: list[Action], result: ApplyResult) -> None:
+        """Files (each one's old content kept to put back on failure), networks, volumes."""
+        self._write_files(stack)
+        for action in actions:
+            if action.kind is ActionKind.CREATE_NETWORK:
+                net = next(n for n in stack.networks.values() if network_name(stack, n.name) == action.target)
+                self.engine.ensure_network(action.target, stack.project, net.name, net.driver)
+                result.outcomes.append(Outcome(action, True))
+        for vol in stack.volumes.values():
+            if not vol.external:
+                self.engine.ensure_volume(L.scoped(stack.project, vol.name), stack.project, vol.name, vol.driver)
 
-            # 3. Services, wave by wave; independent services of a wave in parallel.
-            by_service: dict[str, list[Action]] = {}
-            for action in actions:
-                if action.kind in ("create", "recreate", "start", "reload", "restart", "noop") or (
-                    action.kind == "remove" and action.target in stack.services
-                ):
-                    by_service.setdefault(action.target, []).append(action)
-            for wave in stack.start_order():
-                todo = [s for s in wave if s in by_service]
-                with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, max(1, len(todo)))) as pool:
-                    futures = {
-                        # Each worker runs in a copy of this context: log lines keep the pass's run id.
-                        s: pool.submit(
-                            contextvars.copy_context().run,
-                            self._service,
-                            stack,
-                            s,
-                            by_service[s],
-                            image_ids[stack.services[s].image],
-                        )
-                        for s in todo
-                    }
-                failed = False
-                for s in todo:
-                    try:
-                        result.outcomes.extend(futures[s].result())
-                    except EngineError as exc:
-                        failed = True
-                        result.outcomes.append(Outcome(by_service[s][-1], False, str(exc)))
-                        result.error = result.error or f"service '{s}': {exc}"
-                    except ServiceFailed as exc:
-                        failed = True
-                        result.rolled_back = result.rolled_back or exc.rolled_back
-                        result.rollout_failed = result.rollout_failed or not exc.aborted
-                        result.outcomes.append(Outcome(by_service[s][-1], False, str(exc)))
-                        result.error = result.error or f"service '{s}': {exc}"
-                if failed:
-                    break  # dependents of a failed service are not touched
+    def _services(
+        self, stack: StackSpec, actions: list[Action], image_ids: dict[str, str | None], result: ApplyResult
+    ) -> None:
+        """Wave by wave; independent services of a wave in parallel. Dependents of a failed
+        service are not touched."""
+        by_service: dict[str, list[Action]] = {}
+        for action in actions:
+            if action.kind in SERVICE_KINDS or (action.kind is ActionKind.REMOVE and action.target in stack.services):
+                by_service.setdefault(action.target, []).append(action)
+        for wave in stack.start_order():
+            todo = {s: by_service[s] for s in wave if s in by_service}
+            if not self._wave(stack, todo, image_ids, result):
+                return
 
-            # 4. Orphans, once everything wanted is up.
-            if result.error is None:
-                for action in actions:
-                    if action.kind == "remove" and action.target not in stack.services and action.container:
-                        self.say(f"removing orphan {action.target}")
-                        self.engine.remove(action.container, graceful=True)
-                        result.outcomes.append(Outcome(action, True))
-                for action in actions:
-                    if action.kind == "remove_network":
-                        self.say(f"removing network {action.target}")
-                        self.engine.remove_network(action.target)  # "active endpoints" tolerated
-                        result.outcomes.append(Outcome(action, True))
-        except EngineError as exc:
-            result.error = str(exc)
-        except OSError as exc:  # the stack directory: disk full, permissions
-            result.error = f"cannot write stack files under {self.stack_dir}: {exc.strerror}"
-        if result.error is not None:
-            self._restore_files(self._previous)
-        return result
+    def _wave(
+        self,
+        stack: StackSpec,
+        todo: dict[str, list[Action]],
+        image_ids: dict[str, str | None],
+        result: ApplyResult,
+    ) -> bool:
+        with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, max(1, len(todo)))) as pool:
+            futures = {
+                # Each worker runs in a copy of this context: log lines keep the pass's run id.
+                s: pool.submit(
+                    contextvars.copy_context().run, self._service, stack, s, acts, image_ids[stack.services[s].image]
+                )
+                for s, acts in todo.items()
+            }
+        ok = True
+        for s, future in futures.items():
+            try:
+                result.outcomes.extend(future.result())
+            except EngineError as exc:
+                ok = False
+                result.outcomes.append(Outcome(todo[s][-1], False, str(exc)))
+                result.engine_failed(exc, f"service '{s}': {exc}")
+            except ServiceFailed as exc:
+                ok = False
+                result.rolled_back = result.rolled_back or exc.rolled_back
+                result.rollout_failed = result.rollout_failed or not exc.aborted
+                kind = Failure.STOPPED if exc.aborted else Failure.ROLLOUT
+                result.fail(todo[s][-1], str(exc), f"service '{s}': {exc}", kind)
+        return ok
+
+    def _cleanup(self, stack: StackSpec, actions: list[Action], result: ApplyResult) -> None:
+        for action in actions:
+            if action.kind is ActionKind.REMOVE and action.target not in stack.services and action.container:
+                self.say(f"removing orphan {action.target}")
+                self.engine.remove(action.container, graceful=True)
+                result.outcomes.append(Outcome(action, True))
+        for action in actions:
+            if action.kind is ActionKind.REMOVE_NETWORK:
+                self.say(f"removing network {action.target}")
+                self.engine.remove_network(action.target)  # one still in use is left for later
+                result.outcomes.append(Outcome(action, True))
 
     # ------------------------------------------------------------------ per service
 
@@ -212,30 +264,37 @@ class Executor:
         want = desired_service(stack, name, image_id)
         outcomes = []
         for action in actions:
-            if action.kind == "remove" and action.container:
-                self.say(f"{name}: removing {action.reason}")
-                self.engine.remove(action.container, grace_s=_grace(want))
-            elif action.kind == "create":
-                self.say(f"{name}: creating")
-                self._create_and_wait(stack, want, container_name(stack, name))
-            elif action.kind == "recreate" and action.container:
-                self.say(f"{name}: replacing ({action.reason})")
-                self._replace(stack, want, action.container)
-            elif action.kind == "start" and action.container:
-                self.say(f"{name}: starting")
-                self.engine.start(action.container)
-                self._wait(want.spec, action.container)
-                if action.changed:  # started on new mounted files
-                    record_files(self.stack_dir, action.container, want)
-            elif action.kind == "restart" and action.container:
-                self._restart(want, action.container, action.reason)
-            elif action.kind == "reload" and action.container and action.signal:
-                self._reload(want, action.container, action.signal, action.reason)
+            self._act(stack, want, action)
             outcomes.append(Outcome(action, True))
         return outcomes
 
+    def _act(self, stack: StackSpec, want: Desired, action: Action) -> None:
+        name, cid = want.spec.name, action.container
+        if action.kind is ActionKind.CREATE:
+            self.say(f"{name}: creating")
+            self._create_and_wait(stack, want, container_name(stack, name))
+        elif cid is None:
+            return  # noop, or nothing to act on
+        elif action.kind is ActionKind.REMOVE:
+            self.say(f"{name}: removing {action.reason}")
+            self.engine.remove(cid, grace_s=_grace(want))
+        elif action.kind is ActionKind.RECREATE:
+            self.say(f"{name}: replacing ({action.reason})")
+            self._replace(stack, want, cid)
+        elif action.kind is ActionKind.START:
+            self.say(f"{name}: starting")
+            self.engine.start(cid)
+            self._wait(want.spec, cid)
+            if action.changed:  # started on new mounted files
+                record_files(self.stack_dir, cid, want)
+        elif action.kind is ActionKind.RESTART:
+            self._restart(want, cid, action.reason)
+        elif action.kind is ActionKind.RELOAD and action.signal:
+            self._reload(want, cid, action.signal, action.reason)
+
     def _labels(self, stack: StackSpec, want: Desired) -> dict[str, str]:
-        return {**container_labels(stack, want, self.host, self.commit), L.WORKING_DIR: str(self.stack_dir)}
+        labels = container_labels(stack, want, self.rollout.host, self.rollout.commit)
+        return {**labels, L.WORKING_DIR: str(self.stack_dir)}
 
     def _restart(self, want: Desired, cid: str, reason: str) -> None:
         """Restart on new mounted files; if it does not come back, restart it on the old ones."""
@@ -256,7 +315,7 @@ class Executor:
         """Signal, then make sure the service survived it: still running and, with a
         healthcheck, a probe that started after the signal passed. If not, old files back."""
         self.say(f"{want.spec.name}: sending {sig} ({reason})")
-        sent = time.time()
+        sent = self.clock.time()
         self.engine.signal(cid, sig)
         why = self._verify_reload(want, cid, sent)
         if why is None:
@@ -271,19 +330,20 @@ class Executor:
 
     def _verify_reload(self, want: Desired, cid: str, sent: float) -> str | None:
         hc = want.spec.healthcheck
-        end = time.monotonic() + (self.reload_settle_s if hc is None else health_deadline(want.spec, self.health_cap_s))
-        time.sleep(min(self.reload_settle_s, 0.5))
+        settle = self.rollout.reload_settle_s
+        end = self.clock.monotonic() + (settle if hc is None else health_deadline(want.spec, self.rollout.health_cap_s))
+        self.clock.sleep(min(settle, 0.5))
         while True:
             status, _health, code = self.engine.state(cid)
             if status != "running":
                 return f"{status}, exit {code}"
             if hc is not None and self.engine.probe_passed_since(cid, sent):
                 return None
-            if time.monotonic() >= end:
+            if self.clock.monotonic() >= end:
                 return None if hc is None else "no passing healthcheck after the signal"
             if self.stopping():
                 return None  # shutting down: leave it be; the next start checks again
-            time.sleep(0.25)
+            self.clock.sleep(POLL_S)
 
     def _create_and_wait(self, stack: StackSpec, want: Desired, name: str) -> str:
         cid = self.engine.create(stack, want.spec, name, self._labels(stack, want), str(self.stack_dir))
@@ -296,20 +356,57 @@ class Executor:
         return cid
 
     def _wait(self, spec: ServiceSpec, cid: str) -> None:
-        for attempt in range(self.start_retries.get(spec.name, 0) + 1):
+        """Healthy within the deadline, or ``ServiceFailed``; a hang may be given restarts."""
+        waited = HealthWait(WaitEnd.TIMEOUT)
+        for attempt in range(self.rollout.start_retries.get(spec.name, 0) + 1):
             if attempt:
                 self.say(f"{spec.name}: not healthy in time; restarting it (try {attempt + 1})")
                 self.engine.restart(cid)
-            why = self.engine.wait_healthy(
-                cid, health_deadline(spec, self.health_cap_s), spec.healthcheck is not None, self.stopping
-            )
-            if why is None:
+            waited = self.wait_healthy(spec, cid, health_deadline(spec, self.rollout.health_cap_s))
+            if waited.ok:
                 return
-            if why.startswith(STOPPING):
-                raise ServiceFailed(why, aborted=True)
-            if why.startswith("exited"):
+            if waited.end is WaitEnd.STOPPING:
+                raise ServiceFailed(str(waited), aborted=True)
+            if waited.crashed:
                 break  # a crash is not a hang: no point restarting it
-        raise ServiceFailed(why or "not healthy")
+        raise ServiceFailed(str(waited))
+
+    def wait_healthy(self, spec: ServiceSpec, cid: str, deadline_s: float) -> HealthWait:
+        """Poll until healthy (or running, without a healthcheck), crashed, unhealthy, past the
+        deadline or the agent stopping; says every ``WAIT_NOTE_S`` what it is waiting for."""
+        has_hc = spec.healthcheck is not None
+        start = self.clock.monotonic()
+        next_note = start + WAIT_NOTE_S
+        while True:
+            if self.stopping():
+                return HealthWait(WaitEnd.STOPPING, "the agent is stopping: rollout abandoned")
+            status, health, code = self.engine.state(cid)
+            ended = _wait_ended(status, health, code, has_hc)
+            if ended is not None:
+                if ended.crashed:
+                    last = self._last_log_line(cid)
+                    return HealthWait(ended.end, ended.detail + (f": {last}" if last else ""))
+                return ended
+            now = self.clock.monotonic()
+            if now >= start + deadline_s:
+                return HealthWait(
+                    WaitEnd.TIMEOUT, f"not healthy within {deadline_s:.0f}s (status {status}, health {health})"
+                )
+            if now >= next_note:
+                next_note = now + WAIT_NOTE_S
+                self._note_waiting(spec.name, cid, now - start, deadline_s, f"{status}, health {health or 'none'}")
+            self.clock.sleep(POLL_S)
+
+    def _note_waiting(self, name: str, cid: str, waited: float, deadline_s: float, state: str) -> None:
+        last = self._last_log_line(cid)
+        self.say(
+            f"{name}: waiting to be healthy, {waited:.0f}s of {deadline_s:.0f}s ({state})"
+            + (f"; last log line: {last}" if last else "")
+        )
+
+    def _last_log_line(self, cid: str) -> str:
+        tail = self.engine.logs_tail(cid, lines=1)
+        return tail.splitlines()[-1][:300] if tail else ""
 
     def _replace(self, stack: StackSpec, want: Desired, old: str) -> None:
         final = container_name(stack, want.spec.name)
@@ -441,3 +538,20 @@ def with_reloads(observed: Observed, stack_dir: Path, prune: bool = True) -> Obs
         }
         patched.append(c.model_copy(update={"labels": labels}))
     return observed.model_copy(update={"containers": tuple(patched)})
+
+
+def _wait_ended(status: str, health: str | None, code: int, has_healthcheck: bool) -> HealthWait | None:
+    """How a wait ends given one observation of the container, or None to keep waiting."""
+    if status in ("exited", "dead"):
+        return HealthWait(WaitEnd.EXITED, f"exited with code {code}")
+    if status == "restarting":
+        return HealthWait(WaitEnd.RESTART_LOOP, f"exited with code {code} (restart loop)")
+    if has_healthcheck and health == "healthy":
+        return HealthWait(WaitEnd.HEALTHY)
+    if has_healthcheck and health == "unhealthy":
+        return HealthWait(WaitEnd.UNHEALTHY, "healthcheck reports unhealthy")
+    if not has_healthcheck and status == "running":
+        # Without a healthcheck, running is ready (as for compose); give a service a
+        # healthcheck to have its new version watched and rolled back.
+        return HealthWait(WaitEnd.HEALTHY)
+    return None

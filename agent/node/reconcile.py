@@ -3,31 +3,43 @@
 Used by ``agent plan`` (dry run), ``agent apply`` (one pass) and the daemon (every interval).
 Every pass observes afresh before it decides. A pass that had to roll back quarantines that
 desired state (by fingerprint): it is not retried every pass, only once the desired state
-changes (or with ``retry_quarantined``).
+changes (or with ``retry_quarantined``). How a pass ended is typed (``PassOutcome``, and a
+``Failure`` saying why it failed); callers decide on those, never on message text.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import secrets as pysecrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from agent.adapters.engine import Engine, EngineError
-from agent.adapters.secrets import REDACTED, SecretResolver
-from agent.core.errors import AgentError, DesiredStateError
+from agent.adapters.fs import LockHeld, locked, private_dir
+from agent.adapters.gitsource import tree_commit
+from agent.adapters.secrets import SecretResolver
+from agent.core.errors import (
+    AgentError,
+    ConfigError,
+    DesiredStateError,
+    EngineError,
+    EngineUnavailable,
+    SecretError,
+)
 from agent.core.lint import lint_fleet, lint_stack
 from agent.core.observed import Observed
+from agent.core.outcomes import ActionKind, Failure, PassOutcome
 from agent.core.plan import Action, container_name, pending, plan
+from agent.core.ports import Clock, Engine, SystemClock
+from agent.core.redact import scrub
+from agent.core.rendered import RenderedStack
 from agent.core.stack import StackSpec
 from agent.desired.load import load_desired
-from agent.desired.render import RenderedStack, render_host
-from agent.node.executor import ApplyResult, Executor, with_reloads
+from agent.desired.render import render_host
+from agent.node.executor import ApplyResult, Executor, Rollout, with_reloads
 from agent.node.settings import Settings
 from agent.node.state import AgentState, Quarantined, Run, StateStore, now
 
@@ -39,18 +51,27 @@ class PassResult:
     host: str
     project: str = ""
     commit: str = ""
-    result: str = "failed"  # converged | changes-pending | failed
+    result: PassOutcome = PassOutcome.FAILED
     error: str | None = None
+    #: why the pass failed (None when it did not)
+    failure: Failure | None = None
     actions: list[Action] = field(default_factory=list)
     applied: ApplyResult | None = None
     run_id: str = field(default_factory=lambda: pysecrets.token_hex(4))
     role: str = ""
     #: service -> {container, state, health}, as last observed in this pass
     services: dict[str, dict[str, str | None]] = field(default_factory=dict)
-    #: on motoko: alias -> {backend, reason} in effect
+    #: on the gateway: alias -> {backend, reason} in effect
     routing: dict[str, dict[str, str]] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
+
+    def fail(self, failure: Failure, message: str) -> None:
+        self.result, self.failure, self.error = PassOutcome.FAILED, failure, message
+
+    def changed(self) -> int:
+        """How many actions changed something on the engine."""
+        return len(self.applied.changed()) if self.applied is not None else 0
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -60,6 +81,7 @@ class PassResult:
             "commit": self.commit,
             "result": self.result,
             "error": self.error,
+            "failure": self.failure,
             "role": self.role,
             "started": self.started,
             "finished": self.finished,
@@ -73,177 +95,207 @@ class PassResult:
         return out
 
 
+@dataclass(frozen=True)
+class PassOptions:
+    #: ``agent plan``: read only; no lock, nothing written or recorded
+    dry_run: bool = False
+    retry_quarantined: bool = False
+    health_cap_s: float | None = None
+    say: Callable[[str], None] = lambda message: None
+    #: called with every secret value resolved (the daemon feeds its log redactor)
+    on_secret: Callable[[str], None] | None = None
+    run_id: str | None = None
+    stopping: Callable[[], bool] = lambda: False
+    #: False: apply without recording the run (healing on the last good commit)
+    record: bool = True
+
+
 def fingerprint(rendered: RenderedStack) -> str:
     """Identity of a desired stack (secret values only as part of a hash)."""
     return hashlib.sha256(rendered.stack.model_dump_json().encode()).hexdigest()[:16]
 
 
-def repo_commit(repo: Path) -> str:
-    """The commit a local desired-state tree comes from, ``+dirty`` if it has edits."""
-    try:
-        import git
-
-        r = git.Repo(repo, search_parent_directories=True)
-        sha = r.head.commit.hexsha[:12]
-        rel = str(Path(repo).resolve().relative_to(Path(r.working_tree_dir or ".").resolve()))
-        dirty = r.is_dirty(untracked_files=True, path=None if rel == "." else rel)
-        return sha + ("+dirty" if dirty else "")
-    except Exception:
-        return "local"
-
-
-@contextlib.contextmanager
-def pass_lock(state_dir: Path) -> Iterator[None]:
-    """One pass at a time per host; released by the kernel if the process dies."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(state_dir / "pass.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AgentError(f"another pass is running on this host (lock {state_dir / 'pass.lock'})") from None
-        yield
+def failure_of(exc: Exception) -> Failure:
+    """The typed reason for an error that ended a pass."""
+    kinds: list[tuple[type[Exception], Failure]] = [
+        (DesiredStateError, Failure.DESIRED_STATE),
+        (SecretError, Failure.SECRET),
+        (EngineUnavailable, Failure.ENGINE_UNAVAILABLE),
+        (EngineError, Failure.ENGINE),
+        (LockHeld, Failure.LOCKED),
+        (ConfigError, Failure.CONFIG),
+        (OSError, Failure.STATE),
+    ]
+    return next((failure for kind, failure in kinds if isinstance(exc, kind)), Failure.INTERNAL)
 
 
 def reconcile_once(
     settings: Settings,
     engine: Engine,
-    *,
     repo: Path | None = None,
     commit: str | None = None,
-    dry_run: bool = False,
-    retry_quarantined: bool = False,
-    health_cap_s: float | None = None,
-    say: Callable[[str], None] = lambda msg: None,
-    on_secret: Callable[[str], None] | None = None,
-    run_id: str | None = None,
-    stopping: Callable[[], bool] = lambda: False,
-    record: bool = True,
+    options: PassOptions | None = None,
+    clock: Clock | None = None,
 ) -> PassResult:
-    """One pass. A dry run (``agent plan``) reads only: it records nothing and writes nothing.
-    ``record=False`` applies without recording the run (the daemon healing on its last good
-    commit while the branch head is refused)."""
+    """One pass over the desired state at ``repo`` (a directory; ``commit`` names it)."""
+    options = options or PassOptions()
     repo = repo or Path(settings.repo)
-    commit = commit or repo_commit(repo)
-    result = PassResult(host=settings.host, commit=commit)
-    if run_id:
-        result.run_id = run_id
-    store = StateStore(settings.state_dir)
+    result = PassResult(host=settings.host, commit=commit or tree_commit(repo))
+    if options.run_id:
+        result.run_id = options.run_id
+    resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file, options.on_secret)
+    run = Pass(settings, engine, repo, resolver, options, clock or SystemClock(), result)
     result.started = now()
-    resolver = SecretResolver.for_repo(repo, settings.secrets_file, settings.identity_file, on_secret)
     applied_fp: str | None = None
     try:
         # A dry run takes no lock: it must not wait for, or block, a real pass.
-        with contextlib.nullcontext() if dry_run else pass_lock(settings.state_dir):
-            applied_fp = _pass(
-                settings,
-                engine,
-                repo,
-                commit,
-                store,
-                resolver,
-                result,
-                dry_run,
-                retry_quarantined,
-                health_cap_s,
-                say,
-                stopping,
-            )
-    except (DesiredStateError, EngineError, AgentError) as exc:
-        result.error = str(exc)
-    except OSError as exc:  # the state dir: disk full, permissions
-        result.error = f"{exc.filename or 'state dir'}: {exc.strerror}"
-    if result.error:
-        result.error = _scrub(result.error, resolver.known_values())
-    if result.applied is not None:  # container log lines quoted in outcomes, too
-        for outcome in result.applied.outcomes:
-            outcome.detail = _scrub(outcome.detail, resolver.known_values())
-    if record and not dry_run:
-        _record(store, result, applied_fp)
+        with contextlib.nullcontext() if options.dry_run else pass_lock(settings.state_dir):
+            applied_fp = run.run()
+    except (AgentError, OSError) as exc:
+        result.fail(failure_of(exc), _message(exc))
+    _scrub_result(result, resolver.known_values())
+    if options.record and not options.dry_run:
+        _record(run.store, result, applied_fp)
     return result
 
 
-def _pass(
-    settings: Settings,
-    engine: Engine,
-    repo: Path,
-    commit: str,
-    store: StateStore,
-    resolver: SecretResolver,
-    result: PassResult,
-    dry_run: bool,
-    retry_quarantined: bool,
-    health_cap_s: float | None,
-    say: Callable[[str], None],
-    stopping: Callable[[], bool],
-) -> str | None:
-    """Render, observe, plan, maybe apply; fills ``result``. Returns the fingerprint applied."""
-    desired = load_desired(repo)
-    rendered = render_host(desired, settings.host, resolver, reveal=True, prefix=settings.project_prefix)
-    # What LiteLLM would silently accept (or die on at SIGHUP) never reaches the host.
-    errors = [p for p in lint_fleet(desired) + lint_stack(desired, rendered) if p.severity == "error"]
-    if errors:
-        raise DesiredStateError(errors)
-    stack = rendered.stack
-    result.project = stack.project
-    result.role = rendered.role
-    result.routing = {a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()}
-    policy = desired.roles[rendered.role].spec.on_config_change
-    images = sorted({s.image for s in stack.services.values()})
-    names = [container_name(stack, s) for s in stack.services]
-    stack_dir = store.stack_dir(stack.project)
-    fp = fingerprint(rendered)
+def pass_lock(state_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """One pass at a time per host; released by the kernel if the process dies."""
+    private_dir(state_dir)
+    return locked(state_dir / "pass.lock", "another pass is running on this host", write_pid=True)
 
-    def look() -> Observed:
-        return with_reloads(engine.observe(stack.project, images, names), stack_dir, prune=not dry_run)
 
-    observed = look()
-    result.actions = plan(stack, observed, policy)
-    result.services = _services(stack, observed)
-    if not pending(result.actions):
-        result.result = "converged"
-        return fp
-    if dry_run:
-        result.result = "changes-pending"
-        return None
+def _message(exc: Exception) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, AgentError):
+        return f"{exc.filename or 'state dir'}: {exc.strerror}"
+    return str(exc)
 
-    state = store.load()
-    if fp in state.quarantine and not retry_quarantined:
-        q = state.quarantine[fp]
-        result.error = (
-            f"desired state quarantined since commit {q.commit[:12]}: {q.reason}; "
-            "push a change (or --retry) to try again"
+
+class Pass:
+    """The steps of one pass, over one context (what used to be twelve parameters)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        repo: Path,
+        resolver: SecretResolver,
+        options: PassOptions,
+        clock: Clock,
+        result: PassResult,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.repo = repo
+        self.resolver = resolver
+        self.options = options
+        self.clock = clock
+        self.result = result
+        self.store = StateStore(settings.state_dir)
+
+    def run(self) -> str | None:
+        """Render, observe, plan, maybe apply. Returns the fingerprint now applied, if any."""
+        rendered, policy, retries = self.render()
+        stack = rendered.stack
+        stack_dir = self.store.stack_dir(stack.project)
+        fp = fingerprint(rendered)
+        observed = self.observe(stack, stack_dir)
+        self.result.actions = plan(stack, observed, policy)
+        self.result.services = _services(stack, observed)
+        if not pending(self.result.actions):
+            self.result.result = PassOutcome.CONVERGED
+            return fp
+        if self.options.dry_run:
+            self.result.result = PassOutcome.PENDING
+            return None
+        if self.quarantined(fp):
+            return None
+        executor = Executor(self.engine, stack_dir, self.rollout(retries), self.clock)
+        self.result.applied = executor.apply(stack, self.result.actions, observed.images)
+        if not self.result.applied.ok:
+            self.rollout_failed(fp)
+            return None
+        return fp if self.verify(stack, stack_dir, policy) else None
+
+    def render(self) -> tuple[RenderedStack, dict[str, str], dict[str, int]]:
+        desired = load_desired(self.repo)
+        rendered = render_host(
+            desired, self.settings.host, self.resolver, reveal=True, prefix=self.settings.project_prefix
         )
-        return None
-    role = desired.roles[rendered.role].spec
-    executor = Executor(
-        engine, stack_dir, settings.host, commit, health_cap_s, say, stopping, start_retries=role.start_retries
-    )
-    result.applied = executor.apply(stack, result.actions, observed.images)
-    if not result.applied.ok:
-        result.error = result.applied.error
+        # What LiteLLM would silently accept (or die on at SIGHUP) never reaches the host.
+        errors = [p for p in lint_fleet(desired) + lint_stack(desired, rendered) if p.severity == "error"]
+        if errors:
+            raise DesiredStateError(errors)
+        self.result.project = rendered.stack.project
+        self.result.role = rendered.role
+        self.result.routing = {
+            a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()
+        }
+        role = desired.roles[rendered.role].spec
+        return rendered, role.on_config_change, role.start_retries
+
+    def observe(self, stack: StackSpec, stack_dir: Path) -> Observed:
+        images = sorted({s.image for s in stack.services.values()})
+        names = [container_name(stack, s) for s in stack.services]
+        return with_reloads(
+            self.engine.observe(stack.project, images, names), stack_dir, prune=not self.options.dry_run
+        )
+
+    def quarantined(self, fp: str) -> bool:
+        state = self.store.load()
+        if fp not in state.quarantine or self.options.retry_quarantined:
+            return False
+        q = state.quarantine[fp]
+        self.result.fail(
+            Failure.QUARANTINED,
+            f"desired state quarantined since commit {q.commit[:12]}: {q.reason}; "
+            "push a change (or --retry) to try again",
+        )
+        return True
+
+    def rollout(self, start_retries: dict[str, int]) -> Rollout:
+        o = self.options
+        return Rollout(
+            host=self.settings.host,
+            commit=self.result.commit,
+            health_cap_s=o.health_cap_s,
+            say=o.say,
+            stopping=o.stopping,
+            start_retries=start_retries,
+        )
+
+    def rollout_failed(self, fp: str) -> None:
+        applied = self.result.applied
+        assert applied is not None
+        self.result.fail(applied.failure or Failure.ENGINE, applied.error or "failed")
         # A new version that did not come up is not retried every pass: quarantined until the
         # desired state changes. Never the state already applied (that is drift healing).
-        if result.applied.rollout_failed and fp != state.applied_fingerprint:
-            reason = _scrub(result.error or "failed", resolver.known_values())
-            store.update(lambda st: st.quarantine.__setitem__(fp, Quarantined(commit=commit, reason=reason, at=now())))
-        return None
-    # Verify: observe again; converged means nothing is left to do.
-    observed = look()
-    result.services = _services(stack, observed)
-    # A network still in use by someone else is left (and retried next pass), not a failure.
-    after = [a for a in plan(stack, observed, policy) if a.kind != "remove_network"]
-    if pending(after):
-        result.error = "did not converge: " + "; ".join(str(a) for a in after if a.kind != "noop")
-        return None
-    result.result = "converged"
-    return fp
+        if applied.rollout_failed and fp != self.store.load().applied_fingerprint:
+            reason = scrub(self.result.error or "failed", self.resolver.known_values())
+            quarantine = Quarantined(commit=self.result.commit, reason=reason, at=now())
+            self.store.update(lambda st: st.quarantine.__setitem__(fp, quarantine))
+
+    def verify(self, stack: StackSpec, stack_dir: Path, policy: dict[str, str]) -> bool:
+        """Observe again: converged means nothing is left to do."""
+        observed = self.observe(stack, stack_dir)
+        self.result.services = _services(stack, observed)
+        # A network still in use by someone else is left (and retried next pass), not a failure.
+        left = [a for a in plan(stack, observed, policy) if a.kind is not ActionKind.REMOVE_NETWORK]
+        if pending(left):
+            todo = "; ".join(str(a) for a in left if a.kind is not ActionKind.NOOP)
+            self.result.fail(Failure.NOT_CONVERGED, f"did not converge: {todo}")
+            return False
+        self.result.result = PassOutcome.CONVERGED
+        return True
 
 
-def _scrub(text: str, values: list[str]) -> str:
-    for value in values:
-        if len(value) >= 4:
-            text = text.replace(value, REDACTED)
-    return text
+def _scrub_result(result: PassResult, values: list[str]) -> None:
+    """No secret value in what the pass reports (container log lines are quoted in outcomes)."""
+    if result.error:
+        result.error = scrub(result.error, values)
+    if result.applied is not None:
+        for outcome in result.applied.outcomes:
+            outcome.detail = scrub(outcome.detail, values)
 
 
 def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str | None]]:
@@ -266,12 +318,14 @@ def _record(store: StateStore, result: PassResult, applied_fp: str | None) -> No
         started=result.started,
         finished=result.finished,
         result=result.result,
+        failure=result.failure,
         commit=result.commit,
         error=result.error,
-        actions=[a.as_dict() for a in result.actions if a.kind != "noop"],
+        actions=[a.as_dict() for a in result.actions if a.kind is not ActionKind.NOOP],
     )
 
     def update(state: AgentState) -> None:
+        state.host = result.host
         if applied_fp is not None:
             state.applied_commit = result.commit
             state.applied_fingerprint = applied_fp

@@ -7,7 +7,6 @@ pass; ``agent status`` reads it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import threading
 import time
@@ -17,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from agent.adapters.fs import write_atomic
+from agent.adapters.fs import locked, private_dir, write_atomic
 from agent.core.errors import ConfigError
+from agent.core.outcomes import Failure, PassOutcome
 
 MAX_RUNS = 20
 MAX_QUARANTINE = 20
@@ -28,7 +28,8 @@ class Run(BaseModel):
     id: str
     started: float
     finished: float
-    result: str  # converged | failed | skipped
+    result: PassOutcome
+    failure: Failure | None = None
     commit: str
     error: str | None = None
     actions: list[dict[str, Any]] = Field(default_factory=list)
@@ -46,6 +47,8 @@ class Pause(BaseModel):
 
 
 class AgentState(BaseModel):
+    #: the host this state belongs to (``agent status`` names it, not the machine's hostname)
+    host: str | None = None
     applied_commit: str | None = None
     applied_fingerprint: str | None = None
     runs: list[Run] = Field(default_factory=list)
@@ -76,9 +79,8 @@ class StateStore:
         self.path = state_dir / "state.json"
 
     def update(self, change: Callable[[AgentState], None]) -> AgentState:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with self._thread_lock, open(self.dir / "state.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        private_dir(self.dir)
+        with self._thread_lock, locked(self.dir / "state.lock", "state update", wait=True):
             state = self.load()
             change(state)
             self.save(state)
@@ -95,7 +97,7 @@ class StateStore:
             ) from None
 
     def save(self, state: AgentState) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.dir)
         write_atomic(self.path, state.model_dump_json(indent=1).encode(), 0o600)
 
     def stack_dir(self, project: str) -> Path:
