@@ -97,6 +97,14 @@ def test_secret_encrypt_refuses_bad_input(
         ({"running": True, "last_run": {"result": "converged"}, "paused": {"reason": "r"}}, 1),
         ({"running": True, "last_run": {"result": "converged"}, "services": [{"name": "vllm", "state": "exited"}]}, 1),
         ({"running": True, "last_run": {"result": "converged"}, "source": {"error": "unreachable"}}, 1),
+        (
+            {
+                "running": True,
+                "last_run": {"result": "converged"},
+                "services": [{"name": "vllm", "state": "running", "health": "unhealthy"}],
+            },
+            1,
+        ),
     ],
 )
 def test_status_exit_codes(status: dict[str, object], code: int) -> None:

@@ -122,6 +122,12 @@ CASES = {
         "litellm_version: v1.107.0",
         r"1.107.0 was a compromised release",
     ),
+    "unknown_key_on_the_gateway": (
+        "hosts/motoko.yaml",
+        "litellm_version: v1.108.7",
+        "litellm_version: v1.108.7\n  litellm_workerz: 4",
+        r"hosts/motoko.yaml:\d+: (vars: )?unknown key 'litellm_workerz'",
+    ),
     "duplicate_key": (
         "hosts/armitage.yaml",
         "vllm_port: 8000",

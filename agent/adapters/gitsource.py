@@ -70,7 +70,7 @@ def redact(text: str) -> str:
 class GitSource:
     """One branch of one repository, mirrored under ``cache_dir``."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only settings of one source, each documented
         self,
         url: str,
         branch: str,

@@ -20,7 +20,7 @@ from agent.core.errors import AgentError, DesiredStateError, Problem
 from agent.node.settings import Settings, load_settings
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per flag reads best
     p = argparse.ArgumentParser(prog="agent", description="Pull-based deployment agent for a self-hosted LLM fleet.")
     p.add_argument("--version", action="version", version=f"agent {__version__}")
     p.add_argument("--config", type=Path, help="agent TOML config (default /etc/llm-agent/agent.toml)")

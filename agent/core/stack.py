@@ -278,7 +278,7 @@ def parse_env_file(text: str) -> dict[str, str]:
     return env
 
 
-def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> StackSpec:
+def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> StackSpec:  # noqa: PLR0912 - one branch per compose key, in file order
     """Turn a rendered compose document into a ``StackSpec``; errors name the file and line."""
     data = doc.data
     if isinstance(data, dict):
@@ -337,7 +337,7 @@ def parse_compose(doc: Document, project: str, files: dict[str, StackFile]) -> S
     return stack
 
 
-def _service(
+def _service(  # noqa: PLR0912 - one branch per service key
     name: str,
     svc: _Service,
     files: dict[str, StackFile],

@@ -8,6 +8,7 @@ Each records what was asked of it, for tests to assert on.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,8 +56,12 @@ class FakeEngine:
     every call raise ``EngineUnavailable``; ``on(op, hook)`` runs a hook inside an operation
     (to block a pass mid-way, say)."""
 
-    def __init__(self, images: dict[str, str] | None = None, behaviour: Behaviour | None = None) -> None:
+    def __init__(
+        self, images: dict[str, str] | None = None, behaviour: Behaviour | None = None, any_image: bool = False
+    ) -> None:
         self.images: dict[str, str] = dict(images or {})  # present locally: ref -> id
+        #: every image is present (with an id derived from its reference)
+        self.any_image = any_image
         self.registry: dict[str, str] = {}  # pullable: ref -> id
         self.containers: dict[str, FakeContainer] = {}
         self.networks: dict[str, dict[str, str]] = {}
@@ -126,7 +131,7 @@ class FakeEngine:
                 containers=containers,
                 networks=tuple(nets),
                 owned_networks=owned,
-                images={ref: self.images.get(ref) for ref in images},
+                images={ref: self._image(ref) for ref in images},
             )
 
     def pull(self, ref: str) -> str:
@@ -138,6 +143,11 @@ class FakeEngine:
 
     def image_id(self, ref: str) -> str | None:
         self._call("image_id", ref)
+        return self._image(ref)
+
+    def _image(self, ref: str) -> str | None:
+        if ref not in self.images and self.any_image:
+            self.images[ref] = "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
         return self.images.get(ref)
 
     def ensure_network(self, name: str, project: str, network: str, driver: str) -> None:
