@@ -176,7 +176,9 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from agent.core.lint import validate_all
 
     with _checkout(settings) as (repo, _commit):
-        desired, problems = validate_all(repo, _resolver(settings, repo), settings.project_prefix)
+        resolver = _resolver(settings, repo)
+        desired, problems = validate_all(repo, resolver, settings.project_prefix)
+        problems += resolver.identity_problems()
     errors = [p for p in problems if p.severity == "error"]
     if args.json:
         print(
