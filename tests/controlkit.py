@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent.daemon.control import ControlServer
 
 
@@ -44,6 +46,7 @@ class StubTarget:
 def control_server(target: Any = None) -> Iterator[tuple[Path, Any]]:
     """Yields (socket path, target); AF_UNIX paths are short, so not under pytest's tmp_path."""
     target = target or StubTarget()
+    structlog.reset_defaults()  # not a stream an earlier test configured (and pytest closed)
     tmp = Path(tempfile.mkdtemp(prefix="ctl-", dir="/tmp"))
     server = ControlServer(tmp / "agent.sock", target)
     # The same server loop, polling for shutdown faster than the daemon's 0.5 s: tests close often.

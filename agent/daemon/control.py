@@ -8,6 +8,7 @@ dir: only its owner (root) can drive the agent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socketserver
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from agent.core.errors import AgentError
+from agent.daemon.logs import error_line
 
 if TYPE_CHECKING:
     import httpx
@@ -58,7 +60,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         """One log line instead of socketserver's traceback on stderr (which is the journal)."""
         exc = sys.exc_info()[1]
         level = log.debug if isinstance(exc, ConnectionError | TimeoutError) else log.warning
-        level("control connection failed", error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):  # the last resort must not raise (a closed log stream)
+            level("control connection failed", error=error_line(exc) if exc else "unknown")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -110,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(exc.code, str(exc))
             return
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = error_line(exc)
             log.warning("control request failed", path=self.path, error=error)
             self.send_error(500, error)
             return
