@@ -19,11 +19,11 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import yaml
 
-from agent.core.errors import SecretError
+from agent.core.errors import Problem, SecretError
 from agent.core.redact import REDACTED
 
 __all__ = ["REDACTED", "SecretResolver", "encrypt_secret", "keygen"]
@@ -93,12 +93,32 @@ class AgeSecrets:
     def __init__(self, directory: Path, identity: Path | None) -> None:
         self.directory = directory
         self.identity = identity
+        #: Names this source was asked for and has: what the identity must be able to open.
+        self.referenced: set[str] = set()
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.age"
 
     def has(self, name: str) -> bool:
-        return self.path(name).is_file()
+        found = self.path(name).is_file()
+        if found:
+            self.referenced.add(name)
+        return found
+
+    def identity_problems(self) -> list[Problem]:
+        """A present but unusable identity, when referenced secrets need it (no decryption).
+
+        A missing identity is not a problem here: ``validate`` runs anywhere, the host key
+        lives only on the host."""
+        if not self.referenced or self.identity is None or not self.identity.is_file():
+            return []
+        try:
+            load_identity(self.identity)
+        except SecretError as exc:
+            needed = ", ".join(f"secrets/{n}.age" for n in sorted(self.referenced))
+            what = str(exc).removeprefix(f"{self.identity}: ")
+            return [Problem(str(self.identity), None, f"{what} (needed for {needed})")]
+        return []
 
     def get(self, name: str) -> str | None:
         if not self.has(name):
@@ -110,8 +130,8 @@ class AgeSecrets:
             )
         import pyrage
 
+        ident = load_identity(self.identity)
         try:
-            ident = pyrage.x25519.Identity.from_str(_identity_line(self.identity))
             return str(pyrage.decrypt(self.path(name).read_bytes(), [ident]).decode("utf-8")).rstrip("\n")
         except (pyrage.DecryptError, ValueError, UnicodeDecodeError) as exc:
             raise SecretError(
@@ -123,11 +143,28 @@ class AgeSecrets:
         return f"secrets/{name}.age"
 
 
-def _identity_line(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("AGE-SECRET-KEY-"):
-            return line.strip()
-    raise SecretError(f"{path}: no AGE-SECRET-KEY line")
+def load_identity(path: Path) -> Any:
+    """The age identity in ``path`` (a ``pyrage.x25519.Identity``); SecretError if unusable."""
+    import pyrage
+
+    text = _read_text(path, "identity file")
+    line = next((x.strip() for x in text.splitlines() if x.startswith("AGE-SECRET-KEY-")), None)
+    if line is None:
+        raise SecretError(f"{path}: no AGE-SECRET-KEY line")
+    try:
+        return pyrage.x25519.Identity.from_str(line)
+    except pyrage.IdentityError as exc:
+        raise SecretError(f"{path}: not a valid age identity ({exc}); see 'agent keygen'") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A small UTF-8 text file (identity, recipients), errors as one SecretError line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SecretError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise SecretError(f"{path}: cannot read {what}: {exc.strerror}") from None
 
 
 @dataclass
@@ -160,6 +197,10 @@ class SecretResolver:
         """True if some source has the name (no decryption: safe for ``validate``)."""
         return any(source.has(name) for source in self.sources)
 
+    def identity_problems(self) -> list[Problem]:
+        """Problems of the age identity that referenced secrets need (see ``AgeSecrets``)."""
+        return [p for s in self.sources if isinstance(s, AgeSecrets) for p in s.identity_problems()]
+
     def where(self, name: str) -> str:
         return ", ".join(source.describe(name) for source in self.sources)
 
@@ -191,10 +232,13 @@ def keygen(path: Path) -> str:
         raise SecretError(f"{path} already exists; not overwriting an identity")
     ident = pyrage.x25519.Identity.generate()
     recipient = str(ident.to_public())
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"# llm-agent host identity; public key: {recipient}\n{ident}\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"# llm-agent host identity; public key: {recipient}\n{ident}\n")
+    except OSError as exc:
+        raise SecretError(f"{path}: cannot write the identity: {exc.strerror or exc}") from None
     return recipient
 
 
@@ -211,7 +255,8 @@ def encrypt_secret(repo: Path, name: str, value: str, recipients_file: Path | No
     rfile = recipients_file or repo / "secrets" / "recipients.txt"
     if not rfile.is_file():
         raise SecretError(f"{rfile}: no recipients file (one age public key per line)")
-    keys = [line.strip() for line in rfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    text = _read_text(rfile, "recipients file")
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     try:
         recipients = [pyrage.x25519.Recipient.from_str(k) for k in keys]
     except pyrage.RecipientError:
@@ -219,6 +264,9 @@ def encrypt_secret(repo: Path, name: str, value: str, recipients_file: Path | No
     if not recipients:
         raise SecretError(f"{rfile}: no recipients")
     out = repo / "secrets" / f"{name}.age"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(pyrage.encrypt(value.encode(), recipients))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(pyrage.encrypt(value.encode(), recipients))
+    except OSError as exc:
+        raise SecretError(f"{out}: cannot write: {exc.strerror or exc}") from None
     return out

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     p = argparse.ArgumentParser(prog="agent", description="Pull-based deployment agent for a self-hosted LLM fleet.")
     p.add_argument("--version", action="version", version=f"agent {__version__}")
     p.add_argument("--config", type=Path, help="agent TOML config (default /etc/llm-agent/agent.toml)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, host: bool) -> None:
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     # `agent run --config FILE` (as agent.service runs it) as well as `agent --config FILE run`.
     for sp in (*sub.choices.values(), *scs.choices.values()):
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent TOML config")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -120,6 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # pragma: no cover
         return 130
+    except Exception as exc:  # a bug or an unmapped library error: one line with its cause
+        if args.debug:
+            raise
+        from agent.daemon.logs import error_line
+
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -176,7 +185,9 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from agent.desired.validate import validate_all
 
     with _checkout(settings) as (repo, _commit):
-        desired, problems = validate_all(repo, _resolver(settings, repo), settings.project_prefix)
+        resolver = _resolver(settings, repo)
+        desired, problems = validate_all(repo, resolver, settings.project_prefix)
+        problems += resolver.identity_problems()
     errors = [p for p in problems if p.severity == "error"]
     if args.json:
         print(

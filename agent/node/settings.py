@@ -13,11 +13,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/llm-agent/agent.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Settings(BaseModel):
@@ -45,6 +46,7 @@ class Settings(BaseModel):
     health_timeout: float | None = Field(None, gt=0)
     #: A pass running longer than this stops feeding the systemd watchdog (the agent restarts).
     pass_timeout: float = Field(1800.0, gt=0)
+    #: One of ``LOG_LEVELS`` (any case); ``debug`` also puts tracebacks into the journal.
     log_level: str = "info"
     #: The fleet API on motoko that node agents report to.
     motoko_url: str | None = None
@@ -53,6 +55,13 @@ class Settings(BaseModel):
     #: Host-local secrets (name: value, mode 0600) and the age identity for ``secrets/*.age``.
     secrets_file: Path = Path("/etc/llm-agent/secrets.yaml")
     identity_file: Path = Path("/etc/llm-agent/identity.txt")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"'{value}' is not a log level; use one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @property
     def socket_path(self) -> Path:
@@ -70,9 +79,13 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     data: dict[str, Any] = {}
     if file.is_file():
         try:
-            data = tomllib.loads(file.read_text())
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
     elif path is not None:
         raise ConfigError(f"{file}: configuration file not found")
     for key in Settings.model_fields:
@@ -83,5 +96,5 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
         raise ConfigError(f"{file} / AGENT_* environment: " + "; ".join(lines)) from None
