@@ -108,7 +108,7 @@ class Fleet:
 
 def gpu_host(port: int, image: str = FAKE_VLLM, extra: str = "") -> str:
     return f"""role: gpu_node
-address: 127.0.0.1
+address: armitage  # never 127.0.0.1: in the proxy's container that is the container itself
 vars:
   vllm_image: {image}
   model_hf_id: Qwen/Qwen2.5-7B-Instruct-AWQ

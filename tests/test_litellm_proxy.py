@@ -40,6 +40,8 @@ def start_stack(
             f"""openai_budget_monthly_usd: 0.000001
 openai_api_base: http://127.0.0.1:{procs["openai"].port}/v1""",
         )
+    # The proxy runs here on the host network, not in its container: the fakes are on loopback.
+    edit(repo / "fleet.yaml", "motoko: motoko", "motoko: motoko\nallow_loopback_backends: true")
     edit(
         repo / "hosts/motoko.yaml",
         "  embed_base_url: http://motoko:8200/v1",

@@ -11,10 +11,23 @@ operator's muscle memory keeps working.
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from typing_extensions import TypedDict
 
 from agent.core.errors import DesiredStateError, Problem
 from agent.core.yamlsrc import Document
@@ -30,8 +43,153 @@ REQUIRED_ALIASES = ("local/chat", "local/reasoner", "local/embed", "openai/stron
 BACKEND_OVERRIDE_RE = re.compile(r"^(?P<host>[a-z0-9][a-z0-9-]*)_(?P<what>base_url|model_hf_id|model_display)$")
 
 
+# --------------------------------------------------------------------------- bounded values
+#
+# Every model is strict: YAML 1.1 turns ``yes``/``on`` into booleans and ``1.0e+32`` into a
+# float, and pydantic's lax mode would quietly make them 1 and 10**32. A number field takes
+# an int (or, for floats, an int or a float), never a bool or a string; floats are finite.
+
+DAY_S = 86_400
+#: No model's context window is anywhere near this; a larger number is a typo.
+MAX_TOKENS = 10_000_000
+MAX_GPUS = 64
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+#: A timeout or period in seconds: positive, at most a day.
+Seconds = Annotated[float, Field(gt=0, le=DAY_S)]
+#: Seconds between health checks.
+IntervalS = Annotated[int, Field(ge=1, le=3600)]
+#: A ulimit: -1 is unlimited.
+Ulimit = Annotated[int, Field(ge=-1, le=2**63 - 1)]
+
+#: LiteLLM 1.108.7's ``RoutingStrategyName`` (litellm/types/litellm_params.py).
+RoutingStrategy = Literal[
+    "simple-shuffle",
+    "least-busy",
+    "usage-based-routing",
+    "usage-based-routing-v2",
+    "latency-based-routing",
+    "cost-based-routing",
+    "lar1",
+]
+
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$", re.IGNORECASE)
+#: What a resolver reads as an IPv4 address although ``ipaddress`` does not: ``127.1``,
+#: ``2130706433``, ``0x7f.1``, ``127.000.0.1``.
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.IGNORECASE)
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+
+def check_host(host: str) -> None:
+    """Refuse what is neither a DNS name nor a canonical IP address (ValueError)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.match(host):
+        raise ValueError(f"host '{host}' is not a canonical IP address: write IPv4 addresses as four decimal numbers")
+    if not _DNS_NAME.match(host):
+        raise ValueError(f"host '{host}' is not a DNS name or IP address")
+
+
+def check_url(value: str, *, api_path: bool = False) -> str:
+    """An ``http(s)://host[:port]/path`` URL the proxy or an agent can call (ValueError if not)."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value!r} contains whitespace or control characters")
+    try:
+        url = urlsplit(value)
+    except ValueError as exc:  # a bad [IPv6] host
+        raise ValueError(f"'{value}' is not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not value.lower().startswith(url.scheme + "://"):
+        raise ValueError(f"'{value}' must be an http:// or https:// URL")
+    if not url.hostname:
+        raise ValueError(f"'{value}' has no host")
+    if url.username is not None or url.password is not None:
+        raise ValueError(f"'{value}' must not carry credentials (the proxy's keys come from secrets)")
+    try:
+        url.port  # noqa: B018  (raises for a port out of range or not a number)
+    except ValueError:
+        raise ValueError(f"'{value}' has an invalid port (1-65535)") from None
+    if url.port == 0:
+        raise ValueError(f"'{value}' has an invalid port (1-65535)")
+    if url.query or url.fragment:
+        raise ValueError(f"'{value}' must not have a query or fragment")
+    check_host(url.hostname)
+    if api_path and url.path in ("", "/"):
+        raise ValueError(f"'{value}' needs the API path, typically /v1 (e.g. http://armitage:8000/v1)")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host that, seen from inside a container, is that container itself."""
+    host = host.lower().rstrip(".")
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified
+
+
+def loopback_problem(url: str, what: str = "") -> str | None:
+    """Why a backend URL the LiteLLM proxy calls must not be loopback; None if it is not."""
+    host = urlsplit(url).hostname or ""
+    if not is_loopback(host):
+        return None
+    return (
+        f"'{what or url}' is a loopback address: the LiteLLM proxy runs in a container, where {host} is "
+        "the container itself, so every request would fail over to the fallback; use the backend host's "
+        "address or DNS name (a service on the gateway host: its address, or host.docker.internal with "
+        "extra_hosts: host-gateway); allow_loopback_backends: true in fleet.yaml is only for a proxy "
+        "on the host network (tests)"
+    )
+
+
+def _url(api_path: bool) -> Any:
+    return BeforeValidator(lambda v: check_url(v, api_path=api_path) if isinstance(v, str) else v)
+
+
+#: A URL the proxy or an agent calls: http(s), a host.
+HttpUrlStr = Annotated[str, _url(api_path=False)]
+#: A vLLM-style API base: http(s), a host and the API path (``/v1``).
+ApiBaseStr = Annotated[str, _url(api_path=True)]
+
+
+def _ipv4(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"'{value}' must be an IPv4 address to bind to, e.g. 0.0.0.0 or 100.64.0.1") from None
+    return value
+
+
+def _address(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        check_host(value)
+    except ValueError:
+        raise ValueError(f"'{value}' must be a DNS name or an IPv4 address (no scheme, port or path)") from None
+    if ":" in value:  # backends are called at http://<address>:<port>/v1
+        raise ValueError(f"'{value}': an IPv6 address cannot be used as a host address; give the host a DNS name")
+    return value
+
+
+def _gpu_count(value: Any) -> Any:
+    if value == "all" or (type(value) is int and 0 <= value <= MAX_GPUS):
+        return value
+    raise ValueError(f"must be 'all' or a number of GPUs from 0 to {MAX_GPUS} (got {value!r})")
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, strict=True, allow_inf_nan=False)
 
 
 class SecretRef(Strict):
@@ -56,14 +214,14 @@ class RoutingPolicy(Strict):
         }
     )
     #: Prompts over this many input tokens go to ``long_context_alias``.
-    max_input_tokens: int = Field(12000, gt=0)
+    max_input_tokens: Tokens = 12000
     long_context_alias: str = Field("openai/strong", pattern=ALIAS_RE)
     #: Consecutive failed health checks before a backend is taken out of routing.
-    failure_threshold: int = Field(3, ge=1)
+    failure_threshold: int = Field(3, ge=1, le=100)
     #: Seconds between motoko's health probes of each backend.
-    health_interval_s: float = Field(5.0, gt=0)
+    health_interval_s: float = Field(5.0, gt=0, le=3600)
     #: Per-request timeout for a local backend, seconds (a hung backend costs this much).
-    backend_timeout_s: float = Field(30.0, gt=0)
+    backend_timeout_s: Seconds = 30.0
     #: Which alias serves ``openai/*`` once the monthly budget is spent.
     budget_fallback: str = Field("local/chat", pattern=ALIAS_RE)
 
@@ -86,14 +244,26 @@ class Fleet(Strict):
     #: Name of the host (a file in ``hosts/``) that runs the gateway.
     motoko: str = Field("motoko", pattern=HOST_NAME_RE)
     #: Where node agents report to (the fleet API on motoko); None: derived from motoko's address.
-    motoko_url: str | None = None
+    motoko_url: HttpUrlStr | None = None
     openai_strong_model: str = "gpt-4.1-mini"
     openai_cheap_model: str = "gpt-4o-mini"
-    openai_budget_monthly_usd: float = Field(150, ge=0)
+    openai_budget_monthly_usd: float = Field(150, ge=0, le=1_000_000_000)
     #: OpenAI-compatible endpoint for the openai/* aliases (a corporate proxy, Azure, a test
     #: double); None: api.openai.com.
-    openai_api_base: str | None = None
+    openai_api_base: HttpUrlStr | None = None
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
+    #: Backend URLs on loopback (127.0.0.1, localhost) are refused: inside the proxy's
+    #: container they are the container itself. Only for a proxy on the host's network
+    #: (tests, demos running the rendered config by hand).
+    allow_loopback_backends: bool = False
+
+    @model_validator(mode="after")
+    def _loopback(self) -> Fleet:
+        if self.openai_api_base and not self.allow_loopback_backends:
+            problem = loopback_problem(self.openai_api_base)
+            if problem:
+                raise _at("openai_api_base", problem, self.openai_api_base)
+        return self
 
 
 # --------------------------------------------------------------------------- role variables
@@ -110,25 +280,25 @@ class GpuNodeVars(Strict):
     #: Aliases of the gateway this host serves, e.g. ``[local/chat]``.
     serves: list[str] = Field(default_factory=list)
     vllm_host: str
-    vllm_port: int = Field(ge=1, le=65535)
+    vllm_port: Port
     #: Port published on the host (default: ``vllm_port``); lets test "hosts" share one engine.
-    vllm_published_port: int | None = Field(None, ge=1, le=65535)
+    vllm_published_port: Port | None = None
     quantization: str | None
-    max_model_len: int = Field(gt=0)
+    max_model_len: Tokens
     gpu_memory_utilization: float = Field(gt=0, le=1)
     #: GPUs to request: ``all``, or a count; 0 is a CPU-only / test host (no device request).
-    gpu_count: int | Literal["all"]
+    gpu_count: Annotated[int | Literal["all"], BeforeValidator(_gpu_count)]
     extra_args: list[str] = Field(default_factory=list)
     #: Host directory mounted as the Hugging Face cache (model weights survive recreation).
     hf_cache_dir: str
     #: Seconds the healthcheck tolerates failures while the model loads.
-    health_start_period_s: int = Field(ge=0)
+    health_start_period_s: int = Field(ge=0, le=DAY_S)
     #: Seconds between healthchecks (also how soon a fresh container can first be healthy).
-    health_interval_s: int = Field(ge=1)
+    health_interval_s: IntervalS
     health_probe: Literal["python", "curl", "wget"]
     shm_size: str | None = None
     #: vLLM wants unlimited memlock and a large stack; hosts that may not raise them set {}.
-    ulimits: dict[str, int] = Field(default_factory=dict)
+    ulimits: dict[str, Ulimit] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("serves")
@@ -139,13 +309,6 @@ class GpuNodeVars(Strict):
                 raise ValueError(f"'{alias}' is not an alias of the form 'group/name'")
         return value
 
-    @field_validator("gpu_count")
-    @classmethod
-    def _gpu_count(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 0:
-            raise ValueError("gpu_count must be 'all' or a count >= 0")
-        return value
-
     @property
     def served_name(self) -> str:
         return self.served_model_name or self.model_hf_id
@@ -153,6 +316,47 @@ class GpuNodeVars(Strict):
     @property
     def published_port(self) -> int:
         return self.vllm_published_port or self.vllm_port
+
+
+@with_config(ConfigDict(extra="allow", strict=True, allow_inf_nan=False))
+class RouterSettingsExtra(TypedDict, total=False):
+    """``litellm_router_settings_extra``: the router settings an operator is likely to set are
+    typed and bounded; any other key passes through to ``router_settings`` (lint checks the result)."""
+
+    routing_strategy: RoutingStrategy
+    num_retries: Annotated[int, Field(ge=0, le=10)]
+    max_fallbacks: Annotated[int, Field(ge=0, le=20)]
+    timeout: Seconds
+    stream_timeout: Seconds
+    cooldown_time: Annotated[float, Field(ge=0, le=DAY_S)]
+    retry_after: Annotated[int, Field(ge=0, le=3600)]
+    enable_pre_call_checks: bool
+
+
+def _at(key: str, message: str, value: Any) -> ValidationError:
+    """A ValidationError located at ``key`` (for checks that see the whole model)."""
+    return ValidationError.from_exception_data("value", [_error_at(key, message, value)])
+
+
+def _error_at(key: str, message: str, value: Any) -> InitErrorDetails:
+    # The message is a format template: keep braces in user input literal.
+    text = message.replace("{", "{{").replace("}", "}}")
+    return InitErrorDetails(type=PydanticCustomError("value_error", text), loc=(key,), input=value)
+
+
+def _override_error(key: str, value: Any) -> InitErrorDetails | None:
+    """What is wrong with an extra key of motoko's variables (a seed-style override), if anything."""
+    match = BACKEND_OVERRIDE_RE.match(key)
+    if not match:
+        return InitErrorDetails(type="extra_forbidden", loc=(key,), input=value)
+    if not isinstance(value, str):
+        return _error_at(key, f"must be a string (got {value!r})", value)
+    if match["what"] == "base_url":
+        try:
+            check_url(value, api_path=True)
+        except ValueError as exc:
+            return _error_at(key, str(exc), value)
+    return None
 
 
 class MotokoVars(Strict):
@@ -169,25 +373,27 @@ class MotokoVars(Strict):
     litellm_version: str
     #: Full image reference; overrides ``litellm_version`` (pin by digest in production).
     litellm_image: str | None = None
-    litellm_port: int = Field(ge=1, le=65535)
-    litellm_bind: str
-    litellm_workers: int = Field(ge=1)
+    litellm_port: Port
+    litellm_bind: Annotated[str, BeforeValidator(_ipv4)]
+    litellm_workers: int = Field(ge=1, le=256)
     openai_api_key: SecretRef
     litellm_bearer_token: SecretRef
     redis_image: str
     #: Seconds between healthchecks of the gateway's containers.
-    health_interval_s: int = Field(ge=1)
-    embed_base_url: str
+    health_interval_s: IntervalS
+    embed_base_url: ApiBaseStr
     embed_model: str
-    embed_max_input_tokens: int = Field(gt=0)
+    embed_max_input_tokens: Tokens
     #: Extra ``router_settings`` merged into the generated LiteLLM config (linted).
-    litellm_router_settings_extra: dict[str, Any] = Field(default_factory=dict)
+    litellm_router_settings_extra: RouterSettingsExtra = Field(default_factory=RouterSettingsExtra)
 
     @model_validator(mode="after")
     def _overrides(self) -> MotokoVars:
-        for key in self.model_extra or {}:
-            if not BACKEND_OVERRIDE_RE.match(key):
-                raise ValueError(f"unknown key '{key}'")
+        errors = [e for key, value in (self.model_extra or {}).items() if (e := _override_error(key, value))]
+        if errors:
+            # Several at once, each at its own key (pydantic-core merges a ValidationError
+            # raised by a validator into the outer one, locations kept).
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     @property
@@ -217,8 +423,8 @@ class HostFile(Strict):
     """``hosts/<host>.yaml`` before its variables are checked against its role."""
 
     role: str = Field(pattern=ROLE_NAME_RE)
-    #: How other hosts reach this one (DNS name or IP); default: the host's name.
-    address: str | None = None
+    #: How other hosts reach this one (DNS name or IPv4 address); default: the host's name.
+    address: Annotated[str, BeforeValidator(_address)] | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -18,12 +18,12 @@ never *why*: reasons go to status and logs, so a reworded reason is not a reload
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.core.errors import Problem
-from agent.core.model import REQUIRED_ALIASES, Fleet, Host, RoutingPolicy
+from agent.core.model import REQUIRED_ALIASES, Fleet, Host, RoutingPolicy, loopback_problem
 
 BackendKind = Literal["vllm", "embedding", "openai"]
 
@@ -110,6 +110,8 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
                     problems.append(
                         Problem(file, line, f"unknown key '{host_name}_{what}': no gpu_node host '{host_name}'")
                     )
+    if not fleet.allow_loopback_backends:
+        problems.extend(_loopback(fleet, hosts, overrides, where))
     out.append(
         Backend(
             "openai-strong",
@@ -133,6 +135,34 @@ def backends(fleet: Fleet, hosts: Mapping[str, Host], line_of: Any = None) -> tu
         )
     )
     return out, problems
+
+
+def _loopback(
+    fleet: Fleet,
+    hosts: Mapping[str, Host],
+    overrides: Mapping[str, Mapping[str, str]],
+    where: Callable[..., tuple[str, int | None]],
+) -> list[Problem]:
+    """Backend URLs the proxy would call on its own loopback, each at the key that made it."""
+    found: list[tuple[str, str, tuple[str, ...], str]] = []  # (url, host file, key path, shown)
+    motoko = hosts.get(fleet.motoko)
+    if motoko is not None and motoko.role == "motoko":
+        found.append((motoko.motoko.embed_base_url, fleet.motoko, ("vars", "embed_base_url"), ""))
+    for name, host in sorted(hosts.items()):
+        if host.role != "gpu_node":
+            continue
+        base = overrides.get(name, {}).get("base_url")
+        if base:
+            found.append((base, fleet.motoko, ("vars", f"{name}_base_url"), ""))
+        else:
+            found.append((f"http://{host.address}:{host.gpu.published_port}/v1", name, ("address",), host.address))
+    problems = []
+    for url, owner, path, shown in found:
+        why = loopback_problem(url, shown)
+        if why:
+            file, line = where(owner, *path)
+            problems.append(Problem(file, line, f"{'.'.join(path)}: {why}"))
+    return problems
 
 
 def aliases(table: list[Backend]) -> list[str]:
