@@ -7,6 +7,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,8 +62,12 @@ def control_server(target: Any = None) -> Iterator[tuple[Path, Any]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def exchange(path: Path, data: bytes, timeout: float = 5.0, half_close: bool = True) -> bytes:
-    """Send raw bytes, optionally close our side, and read until the server closes."""
+def exchange(
+    path: Path, data: bytes, timeout: float = 5.0, half_close: bool = True, until_complete: bool = False
+) -> bytes:
+    """Send raw bytes, optionally close our side, and read until the server closes (or, with
+    ``until_complete``, until one whole response is in). No answer within ``timeout`` raises."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
@@ -72,16 +77,29 @@ def exchange(path: Path, data: bytes, timeout: float = 5.0, half_close: bool = T
                 sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server may answer and close before reading everything we send
-        chunks = []
-        while True:
+        got = b""
+        while not (until_complete and complete(got)):
+            assert time.monotonic() < deadline, f"no answer within {timeout}s to {data[:80]!r}"
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
                 break
             if not chunk:
                 break
-            chunks.append(chunk)
-    return b"".join(chunks)
+            got += chunk
+    return got
+
+
+def complete(response: bytes) -> bool:
+    """One whole HTTP response (headers and a body of its Content-Length) is in."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
 
 
 def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -56,8 +56,11 @@ def apply(engine: FakeEngine, tmp_path: Path, stopping: bool = False, **kw: bool
 
 def test_a_new_version_that_fails_brings_back_the_old_one_on_the_old_files(tmp_path: Path) -> None:
     engine = FakeEngine(IMG, behaviour=lambda c: "unhealthy")
-    running_old(engine, tmp_path, healthcheck=True)
+    old = running_old(engine, tmp_path, healthcheck=True)
+    seen: list[str] = []  # what the old container finds mounted when it starts again
+    engine.on("start", lambda cid: seen.append((tmp_path / "conf" / "app.conf").read_text()) if cid == old else None)
     result = apply(engine, tmp_path, healthcheck=True)
+    assert seen == ["old\n"], "the old container must restart on the old files, not the new ones"
     assert not result.ok and result.rolled_back and result.rollout_failed
     assert result.failure is Failure.ROLLOUT
     assert engine.by_name() == {"p-web-1": "running"}

@@ -4,10 +4,8 @@ traceback, and still serves ``GET /status`` afterwards."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.daemon import control
 from agent.daemon.control import ControlClient
-from tests.controlkit import control_server, parse
+from tests.controlkit import control_server, exchange, parse
 
 #: A handler waits this long for bytes that never come (the daemon's is 10 s).
 HANDLER_TIMEOUT = 0.3
@@ -53,42 +51,7 @@ def http_requests(draw: st.DrawFn) -> bytes:
 requests = st.one_of(st.binary(max_size=600), http_requests())
 
 
-def _answered_or_closed(path: Path, data: bytes, half_close: bool) -> bytes:
-    """Send ``data``; return once one whole response is in or the server closed (else raise)."""
-    deadline = time.monotonic() + BOUND
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(BOUND)
-        sock.connect(str(path))
-        try:
-            sock.sendall(data)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # answered and closed before reading it all
-        got = b""
-        while not _complete(got):
-            assert time.monotonic() < deadline, f"no answer within {BOUND}s to {data[:80]!r}"
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            got += chunk
-    return got
-
-
-def _complete(response: bytes) -> bool:
-    head, sep, body = response.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return True
-
-
+@pytest.mark.slow  # fuzzing: runs in CI (scripts/test), not in the fast suite
 def test_fuzzed_requests_never_hang_or_print_tracebacks(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -105,7 +68,7 @@ def test_fuzzed_requests_never_hang_or_print_tracebacks(
         @given(data=requests, half_close=st.booleans())
         def one(data: bytes, half_close: bool) -> None:
             started = time.monotonic()
-            response = _answered_or_closed(path, data, half_close)
+            response = exchange(path, data, BOUND, half_close, until_complete=True)
             assert time.monotonic() - started < BOUND
             if not response:
                 return  # closed without a word: e.g. nothing that reads as a request line

@@ -89,6 +89,8 @@ def test_a_failed_reload_puts_the_old_mounted_files_back(tmp_path: Path) -> None
         engine.containers[cid].state = "exited"
 
     engine.on("signal", die)
+    seen: list[str] = []  # what the proxy finds mounted when it is restarted
+    engine.on("restart", lambda target: seen.append((tmp_path / "conf" / "c.yaml").read_text()))
     new = _proxy("routing: new\n")
     actions = plan(new, engine.observe("p", ["proxy:1"]), {"proxy": "signal:SIGHUP"})
     assert [a.kind for a in actions] == ["reload"]
@@ -96,6 +98,7 @@ def test_a_failed_reload_puts_the_old_mounted_files_back(tmp_path: Path) -> None
     assert not result.ok and "old files restored" in (result.error or "")
     assert (tmp_path / "conf" / "c.yaml").read_text() == "routing: old\n"
     assert engine.ops("restart") == [cid]
+    assert seen == ["routing: old\n"], "restarted on the old files"
 
 
 def _table() -> list[Backend]:
