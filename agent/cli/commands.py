@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.core.errors import AgentError, DesiredStateError, Problem
+from agent.core.errors import AgentError, ConfigError, DesiredStateError, Problem
 from agent.node.settings import Settings, load_settings
 
 
@@ -54,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     ap.add_argument("--state-dir", type=Path, help="state directory (default $AGENT_STATE_DIR or /var/lib/llm-agent)")
     ap.add_argument("--retry", action="store_true", help="retry a quarantined desired state")
     ap.add_argument("--force", action="store_true", help="apply even while the agent is paused")
-    ap.add_argument("--health-timeout", type=float, help="cap, in seconds, on waiting for a service to be healthy")
+    ap.add_argument(
+        "--health-timeout",
+        type=_health_seconds,
+        help="cap, in seconds (at least 1), on waiting for a service to be healthy",
+    )
 
     def state_dir(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -92,8 +97,28 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     return p
 
 
+#: Below this a healthy service cannot pass its first check: the pass would roll back a good version.
+MIN_HEALTH_TIMEOUT_S = 1.0
+
+
+def _health_seconds(text: str) -> float:
+    """``--health-timeout``: a finite number of seconds, at least ``MIN_HEALTH_TIMEOUT_S``.
+    Raises ``ConfigError`` (not argparse's usage dump): ``main`` prints it as one line, exit 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= MIN_HEALTH_TIMEOUT_S):
+        raise ConfigError(f"--health-timeout {text}: must be a number of seconds, at least {MIN_HEALTH_TIMEOUT_S:g}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except AgentError as exc:  # a flag refused by its own check (argparse only maps ValueError)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.command != "run":
         from agent.daemon import logs
 

@@ -43,7 +43,8 @@ class Settings(BaseModel):
     interval: float = Field(30.0, gt=0)
     splay: float = Field(5.0, ge=0)
     #: Cap, in seconds, on waiting for one service to become healthy during a pass.
-    health_timeout: float | None = Field(None, gt=0)
+    #: At least 1 s: below that a healthy service fails its first check and is rolled back.
+    health_timeout: float | None = Field(None, ge=1, allow_inf_nan=False)
     #: A pass running longer than this stops feeding the systemd watchdog (the agent restarts).
     pass_timeout: float = Field(1800.0, gt=0)
     #: One of ``LOG_LEVELS`` (any case); ``debug`` also puts tracebacks into the journal.

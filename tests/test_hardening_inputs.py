@@ -1,0 +1,36 @@
+"""Flags and settings that used to skip validation: one clear line, exit 1, nothing done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli.commands import main
+from agent.core.errors import ConfigError
+from agent.node.settings import load_settings
+
+
+def _one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "0.01", "nan", "inf", "soon"])
+def test_health_timeout_flag_is_validated(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["apply", "--repo", str(tmp_path / "absent"), "--state-dir", str(tmp_path / "s"), "--health-timeout", value]
+    )
+    assert code == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "--health-timeout" in line and value in line
+    assert not (tmp_path / "s").exists()  # refused before anything is touched
+
+
+@pytest.mark.parametrize("value", [0.01, 0.5])
+def test_health_timeout_setting_has_a_sane_minimum(value: float) -> None:
+    with pytest.raises(ConfigError, match="health_timeout"):
+        load_settings(environ={"AGENT_CONFIG": "/nonexistent"}, health_timeout=value)
