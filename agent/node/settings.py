@@ -8,6 +8,7 @@ override both.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -19,6 +20,10 @@ from agent.core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/llm-agent/agent.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: A compose project / container name prefix: it becomes part of a directory name under the
+#: state dir and of engine object names, so no path separators, dots or upper case.
+MAX_PREFIX = 20
+PREFIX_RE = re.compile(rf"(?:[a-z0-9][a-z0-9_-]{{0,{MAX_PREFIX - 1}}})?")
 
 
 class Settings(BaseModel):
@@ -63,6 +68,16 @@ class Settings(BaseModel):
         if value.lower() not in LOG_LEVELS:
             raise ValueError(f"'{value}' is not a log level; use one of {', '.join(LOG_LEVELS)}")
         return value.lower()
+
+    @field_validator("project_prefix")
+    @classmethod
+    def _safe_prefix(cls, value: str) -> str:
+        if not PREFIX_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a usable prefix: lowercase letters, digits, '-' and '_', "
+                f"starting with a letter or digit, at most {MAX_PREFIX} characters"
+            )
+        return value
 
     @property
     def socket_path(self) -> Path:
