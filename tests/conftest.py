@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_IDENTITY = ROOT / "examples" / "demo-identity.txt"
 
 
+@pytest.fixture(autouse=True)
+def _isolated_lock_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own machine-wide pass-lock dir (the real one is shared by the host)."""
+    lock_dir = tmp_path_factory.mktemp("locks")
+    lock_dir.chmod(0o700)
+    monkeypatch.setenv("AGENT_LOCK_DIR", str(lock_dir))
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A copy of ``desired_state/`` that a test may break."""
