@@ -83,3 +83,56 @@ def test_lock_dir_is_private(tmp_path: Path, repo: Path, monkeypatch: pytest.Mon
     result = reconcile_once(_settings(tmp_path, repo, "s1"), FakeEngine(any_image=True))
     assert result.failure is not None, result.error
     assert result.error is not None and "writable by group or others" in result.error
+
+
+def _one_line(error: str | None) -> str:
+    assert error is not None and "\n" not in error and "Traceback" not in error, error
+    return error
+
+
+def test_a_symlinked_pass_lock_is_not_followed(tmp_path: Path, repo: Path) -> None:
+    victim = tmp_path / "victim.conf"
+    victim.write_text("precious\n")
+    state = tmp_path / "s1"
+    state.mkdir(mode=0o700)
+    (state / "pass.lock").symlink_to(victim)
+    engine = FakeEngine(any_image=True)
+    result = reconcile_once(_settings(tmp_path, repo, "s1"), engine)
+    assert victim.read_text() == "precious\n"
+    assert "symlink" in _one_line(result.error)
+    assert result.result is PassOutcome.FAILED and not engine.ops("observe")
+
+
+def test_a_symlinked_machine_lock_is_not_followed(tmp_path: Path, repo: Path) -> None:
+    from agent.adapters.fs import machine_lock_dir
+    from agent.node.reconcile import host_lock_key
+
+    victim = tmp_path / "victim.conf"
+    victim.write_text("precious\n")
+    settings = _settings(tmp_path, repo, "s1")
+    (machine_lock_dir() / f"pass-{host_lock_key(settings)}.lock").symlink_to(victim)
+    result = reconcile_once(settings, FakeEngine(any_image=True))
+    assert victim.read_text() == "precious\n"
+    assert "symlink" in _one_line(result.error)
+
+
+def test_a_group_writable_state_dir_is_refused(tmp_path: Path, repo: Path) -> None:
+    state = tmp_path / "s1"
+    state.mkdir()
+    state.chmod(0o770)
+    engine = FakeEngine(any_image=True)
+    result = reconcile_once(_settings(tmp_path, repo, "s1"), engine)
+    assert "writable by group or others" in _one_line(result.error)
+    assert result.result is PassOutcome.FAILED and not engine.ops("observe")
+    assert not (state / "pass.lock").exists()
+
+
+def test_a_symlinked_state_dir_is_refused(tmp_path: Path, repo: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir(mode=0o700)
+    (tmp_path / "s1").symlink_to(real)
+    engine = FakeEngine(any_image=True)
+    result = reconcile_once(_settings(tmp_path, repo, "s1"), engine)
+    assert "not a directory (a symlink?)" in _one_line(result.error)
+    assert result.result is PassOutcome.FAILED and not engine.ops("observe")
+    assert list(real.iterdir()) == []
