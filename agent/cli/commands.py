@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -178,13 +179,19 @@ def _resolver(settings: Settings, repo: Path) -> Any:
 
 
 @contextlib.contextmanager
-def _checkout(settings: Settings) -> Iterator[tuple[Path, str | None]]:
-    """The desired-state tree to act on: the directory itself, or, for a git URL, a snapshot
-    of the branch head (fetched into a throwaway cache; signatures checked if required)."""
-    from agent.adapters.gitsource import GitSource
+def _checkout(settings: Settings, deploys: bool = False) -> Iterator[tuple[Path, str | None]]:
+    """The desired-state tree to act on. A plain directory, or a git *working tree* (it has a
+    ``.git`` entry), is read as it is on disk: the edit the operator is looking at, named
+    ``<sha>+dirty``. URLs and bare repositories are fetched: a snapshot of the branch head (in
+    a throwaway cache; signatures checked if required, which an ``apply`` from a working tree
+    also goes through, since files on disk carry no signature)."""
+    from agent.adapters.gitsource import GitSource, tree_commit
 
-    if not GitSource.is_git_url(settings.repo):
-        yield Path(settings.repo), None
+    local = Path(settings.repo)
+    work_tree = _is_work_tree(local) and not (deploys and settings.require_signed_commits)
+    if work_tree or not GitSource.is_git_url(settings.repo):
+        path = local / settings.repo_subdir if work_tree and settings.repo_subdir else local
+        yield path, tree_commit(path) if work_tree else None
         return
     with tempfile.TemporaryDirectory(prefix="llm-agent-") as tmp:
         source = GitSource(
@@ -198,6 +205,13 @@ def _checkout(settings: Settings) -> Iterator[tuple[Path, str | None]]:
         )
         snap = source.snapshot(source.fetch())
         yield snap.path, snap.commit
+
+
+def _is_work_tree(path: Path) -> bool:
+    try:
+        return path.is_dir() and os.path.lexists(path / ".git")
+    except OSError:
+        return False
 
 
 def _print_problems(problems: list[Problem], stream: Any = None) -> None:
@@ -302,7 +316,7 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(f"  .. {message}", flush=True)
 
-    with DockerEngine() as engine, _checkout(settings) as (repo, commit):
+    with DockerEngine() as engine, _checkout(settings, deploys=True) as (repo, commit):
         options = PassOptions(retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say)
         result = reconcile_once(settings, engine, repo, commit, options)
     if args.json:
