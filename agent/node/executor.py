@@ -286,7 +286,7 @@ class Executor:
             self.engine.start(cid)
             self._wait(want.spec, cid)
             if action.changed:  # started on new mounted files
-                record_files(self.stack_dir, cid, want)
+                record_files(self.stack_dir, cid, want, self.rollout.commit)
         elif action.kind is ActionKind.RESTART:
             self._restart(want, cid, action.reason)
         elif action.kind is ActionKind.RELOAD and action.signal:
@@ -309,7 +309,7 @@ class Executor:
             self.engine.restart(cid, timeout=_grace(want))
             raise ServiceFailed(f"restart on the new files failed ({exc}); restarted on the old files", True) from None
         # Labels cannot change on a live container: remember the files it now runs with.
-        record_files(self.stack_dir, cid, want)
+        record_files(self.stack_dir, cid, want, self.rollout.commit)
 
     def _reload(self, want: Desired, cid: str, sig: str, reason: str) -> None:
         """Signal, then make sure the service survived it: still running and, with a
@@ -319,7 +319,7 @@ class Executor:
         self.engine.signal(cid, sig)
         why = self._verify_reload(want, cid, sent)
         if why is None:
-            record_files(self.stack_dir, cid, want)
+            record_files(self.stack_dir, cid, want, self.rollout.commit)
             return
         self._restore_files(self._previous, only=want)
         try:
@@ -504,12 +504,13 @@ RELOADS = ".reloads.json"
 _RELOADS_LOCK = threading.Lock()
 
 
-def record_files(stack_dir: Path, container: str, want: Desired) -> None:
-    """A container now runs with new mounted files (reloaded or restarted in place)."""
+def record_files(stack_dir: Path, container: str, want: Desired, commit: str) -> None:
+    """A container now runs with new mounted files (reloaded or restarted in place), from
+    ``commit``: its labels cannot change, so the effective commit is recorded with the files."""
     path = stack_dir / RELOADS
     with _RELOADS_LOCK:
         data = json.loads(path.read_text()) if path.is_file() else {}
-        data[container] = {"files_hash": want.files_hash, "files": want.files}
+        data[container] = {"files_hash": want.files_hash, "files": want.files, "commit": commit}
         write_atomic(path, json.dumps(data).encode(), 0o600)
 
 
@@ -536,6 +537,8 @@ def with_reloads(observed: Observed, stack_dir: Path, prune: bool = True) -> Obs
             L.FILES_HASH: data[c.id]["files_hash"],
             L.FILES: canonical_json(data[c.id]["files"]),
         }
+        if data[c.id].get("commit"):  # recorded by agents since the commit was recorded too
+            labels[L.COMMIT] = data[c.id]["commit"]
         patched.append(c.model_copy(update={"labels": labels}))
     return observed.model_copy(update={"containers": tuple(patched)})
 

@@ -22,6 +22,7 @@ import structlog
 from agent.adapters.fs import LockHeld, locked, machine_lock_dir, private_dir
 from agent.adapters.gitsource import tree_commit
 from agent.adapters.secrets import SecretResolver
+from agent.core import labels as L
 from agent.core.errors import (
     AgentError,
     ConfigError,
@@ -324,6 +325,7 @@ def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str |
             "container": c.id[:12] if c else None,
             "state": c.state if c else "missing",
             "health": c.health if c else None,
+            "commit": c.labels.get(L.COMMIT) if c else None,
         }
     return out
 
