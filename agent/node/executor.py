@@ -120,6 +120,8 @@ class Rollout:
     reload_settle_s: float = 2.0
     #: service -> restarts allowed for a new container that misses its deadline (role.yaml)
     start_retries: Mapping[str, int] = field(default_factory=dict)
+    #: the rendered compose file, written to the stack dir (``docker compose ls`` names it)
+    compose: str | None = None
 
 
 class Executor:
@@ -294,7 +296,11 @@ class Executor:
 
     def _labels(self, stack: StackSpec, want: Desired) -> dict[str, str]:
         labels = container_labels(stack, want, self.rollout.host, self.rollout.commit)
-        return {**labels, L.WORKING_DIR: str(self.stack_dir)}
+        return {
+            **labels,
+            L.WORKING_DIR: str(self.stack_dir),
+            L.CONFIG_FILES: str(self.stack_dir / L.COMPOSE_FILE),
+        }
 
     def _restart(self, want: Desired, cid: str, reason: str) -> None:
         """Restart on new mounted files; if it does not come back, restart it on the old ones."""
@@ -474,13 +480,16 @@ class Executor:
         """Write the stack's files, remembering each one's previous content *before* it is
         replaced, so a failure half-way still puts back exactly what was there."""
         self.stack_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for f in stack.files.values():
-            path = self.stack_dir / f.path
+        files = [(f.path, f.content.encode(), f.mode) for f in stack.files.values()]
+        if self.rollout.compose is not None and L.COMPOSE_FILE not in stack.files:
+            files.insert(0, (L.COMPOSE_FILE, self.rollout.compose.encode(), 0o600))
+        for rel, content, mode in files:
+            path = self.stack_dir / rel
             old = (path.read_bytes(), path.stat().st_mode & 0o777) if path.is_file() else None
-            if old == (f.content.encode(), f.mode):
+            if old == (content, mode):
                 continue
             self._previous[path] = old
-            write_atomic(path, f.content.encode(), f.mode)
+            write_atomic(path, content, mode)
 
     def _restore_files(self, previous: dict[Path, tuple[bytes, int] | None], only: Desired | None = None) -> None:
         """Put files back; with ``only``, just the files that service mounts (a worker

@@ -210,6 +210,8 @@ class Pass:
         self.clock = clock
         self.result = result
         self.store = StateStore(settings.state_dir)
+        #: the rendered compose file (secret-free: render refuses a leak into it)
+        self.compose: str | None = None
 
     def run(self) -> str | None:
         """Render, observe, plan, maybe apply. Returns the fingerprint now applied, if any."""
@@ -246,6 +248,7 @@ class Pass:
             raise DesiredStateError(errors)
         self.result.project = rendered.stack.project
         self.result.role = rendered.role
+        self.compose = rendered.compose
         self.result.routing = {
             a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()
         }
@@ -280,6 +283,7 @@ class Pass:
             say=o.say,
             stopping=o.stopping,
             start_retries=start_retries,
+            compose=self.compose,
         )
 
     def rollout_failed(self, fp: str) -> None:
