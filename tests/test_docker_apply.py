@@ -43,14 +43,17 @@ def test_cold_apply_then_noop(
     # docker compose sees the stack (compose v2 if fetched, else the labels compose reads).
     labels = docker("inspect", c["name"], "--format", "{{json .Config.Labels}}")
     assert f'"{L.ONEOFF}":"False"' in labels and f'"{L.PROJECT}":"{fleet.prefix}armitage"' in labels
+    compose_file = fleet.state / "stacks" / f"{fleet.prefix}armitage" / L.COMPOSE_FILE
+    assert f'"{L.CONFIG_FILES}":"{compose_file}"' in labels and compose_file.is_file()
     compose = os.environ.get("COMPOSE_V2")
     if compose:
         ls = subprocess.run([compose, "ls", "--all"], capture_output=True, text=True, check=True).stdout
-        assert f"{fleet.prefix}armitage" in ls
+        [line] = [x for x in ls.splitlines() if x.startswith(f"{fleet.prefix}armitage ")]
+        assert str(compose_file) in line, ls  # not CONFIG FILES N/A
         ps = subprocess.run(
             [compose, "-p", f"{fleet.prefix}armitage", "ps"], capture_output=True, text=True, check=True
-        ).stdout
-        assert "vllm" in ps
+        )
+        assert "vllm" in ps.stdout and "config_files" not in ps.stderr, ps.stderr
 
     # A second pass changes nothing: same container, no mutating call, three API calls.
     recorder: list[Recorder] = []

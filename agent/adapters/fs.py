@@ -63,6 +63,24 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+#: Machine-wide pass locks (root's agents); others use a per-uid dir under the temp dir.
+SYSTEM_LOCK_DIR = Path("/run/lock/llm-agent")
+LOCK_DIR_ENV = "AGENT_LOCK_DIR"
+
+
+def machine_lock_dir(environ: dict[str, str] | None = None) -> Path:
+    """The directory of locks shared by every agent on this machine, whatever its state dir:
+    ``$AGENT_LOCK_DIR``, else ``/run/lock/llm-agent`` for root, else ``<tmp>/llm-agent-<uid>``.
+    Always a private directory (``private_dir``): a planted one is refused, not used."""
+    env = os.environ if environ is None else environ
+    if env.get(LOCK_DIR_ENV):
+        return private_dir(Path(env[LOCK_DIR_ENV]))
+    if os.geteuid() == 0 and SYSTEM_LOCK_DIR.parent.is_dir():
+        with contextlib.suppress(OSError, UnsafePath):
+            return private_dir(SYSTEM_LOCK_DIR)
+    return private_dir(Path(tempfile.gettempdir()) / f"llm-agent-{os.geteuid()}")
+
+
 @contextlib.contextmanager
 def locked(path: Path, what: str, *, wait: bool = False, write_pid: bool = False) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (released by the kernel if the process dies).

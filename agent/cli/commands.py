@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.core.errors import AgentError, DesiredStateError, Problem
+from agent.core.errors import AgentError, ConfigError, DesiredStateError, Problem
 from agent.node.settings import Settings, load_settings
 
 
@@ -54,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     ap.add_argument("--state-dir", type=Path, help="state directory (default $AGENT_STATE_DIR or /var/lib/llm-agent)")
     ap.add_argument("--retry", action="store_true", help="retry a quarantined desired state")
     ap.add_argument("--force", action="store_true", help="apply even while the agent is paused")
-    ap.add_argument("--health-timeout", type=float, help="cap, in seconds, on waiting for a service to be healthy")
+    ap.add_argument(
+        "--health-timeout",
+        type=_health_seconds,
+        help="cap, in seconds (at least 1), on waiting for a service to be healthy",
+    )
 
     def state_dir(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -92,8 +98,28 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     return p
 
 
+#: Below this a healthy service cannot pass its first check: the pass would roll back a good version.
+MIN_HEALTH_TIMEOUT_S = 1.0
+
+
+def _health_seconds(text: str) -> float:
+    """``--health-timeout``: a finite number of seconds, at least ``MIN_HEALTH_TIMEOUT_S``.
+    Raises ``ConfigError`` (not argparse's usage dump): ``main`` prints it as one line, exit 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= MIN_HEALTH_TIMEOUT_S):
+        raise ConfigError(f"--health-timeout {text}: must be a number of seconds, at least {MIN_HEALTH_TIMEOUT_S:g}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except AgentError as exc:  # a flag refused by its own check (argparse only maps ValueError)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.command != "run":
         from agent.daemon import logs
 
@@ -153,13 +179,19 @@ def _resolver(settings: Settings, repo: Path) -> Any:
 
 
 @contextlib.contextmanager
-def _checkout(settings: Settings) -> Iterator[tuple[Path, str | None]]:
-    """The desired-state tree to act on: the directory itself, or, for a git URL, a snapshot
-    of the branch head (fetched into a throwaway cache; signatures checked if required)."""
-    from agent.adapters.gitsource import GitSource
+def _checkout(settings: Settings, deploys: bool = False) -> Iterator[tuple[Path, str | None]]:
+    """The desired-state tree to act on. A plain directory, or a git *working tree* (it has a
+    ``.git`` entry), is read as it is on disk: the edit the operator is looking at, named
+    ``<sha>+dirty``. URLs and bare repositories are fetched: a snapshot of the branch head (in
+    a throwaway cache; signatures checked if required, which an ``apply`` from a working tree
+    also goes through, since files on disk carry no signature)."""
+    from agent.adapters.gitsource import GitSource, tree_commit
 
-    if not GitSource.is_git_url(settings.repo):
-        yield Path(settings.repo), None
+    local = Path(settings.repo)
+    work_tree = _is_work_tree(local) and not (deploys and settings.require_signed_commits)
+    if work_tree or not GitSource.is_git_url(settings.repo):
+        path = local / settings.repo_subdir if work_tree and settings.repo_subdir else local
+        yield path, tree_commit(path) if work_tree else None
         return
     with tempfile.TemporaryDirectory(prefix="llm-agent-") as tmp:
         source = GitSource(
@@ -173,6 +205,13 @@ def _checkout(settings: Settings) -> Iterator[tuple[Path, str | None]]:
         )
         snap = source.snapshot(source.fetch())
         yield snap.path, snap.commit
+
+
+def _is_work_tree(path: Path) -> bool:
+    try:
+        return path.is_dir() and os.path.lexists(path / ".git")
+    except OSError:
+        return False
 
 
 def _print_problems(problems: list[Problem], stream: Any = None) -> None:
@@ -277,7 +316,7 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(f"  .. {message}", flush=True)
 
-    with DockerEngine() as engine, _checkout(settings) as (repo, commit):
+    with DockerEngine() as engine, _checkout(settings, deploys=True) as (repo, commit):
         options = PassOptions(retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say)
         result = reconcile_once(settings, engine, repo, commit, options)
     if args.json:

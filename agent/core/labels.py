@@ -26,6 +26,10 @@ NETWORK = "com.docker.compose.network"
 VOLUME = "com.docker.compose.volume"
 VERSION = "com.docker.compose.version"
 WORKING_DIR = "com.docker.compose.project.working_dir"
+CONFIG_FILES = "com.docker.compose.project.config_files"  # the rendered compose.yaml in the stack dir
+
+#: The rendered compose file, as the executor writes it into the stack dir.
+COMPOSE_FILE = "compose.yaml"
 
 #: The Compose version our labels claim (what ``docker compose`` checks the labels against).
 COMPOSE_VERSION = "2.40.0"

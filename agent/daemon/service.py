@@ -372,4 +372,5 @@ def status_from_state(settings: Settings, state: AgentState) -> dict[str, Any]:
         "paused": {"reason": state.paused.reason, "at": state.paused.at} if state.paused else None,
         "quarantined": {fp: q.model_dump() for fp, q in state.quarantine.items()},
         "services": service_list(state.services),
+        "state_reset": state.reset.describe() if state.reset else None,
     }

@@ -59,6 +59,8 @@ def show(status: dict[str, Any]) -> None:
     if last:
         lines.append(f"  last run:       {last.get('result')} {_ago(last.get('time'))} (run {last.get('run_id')})")
     lines += [f"  ! {line}" for line in problems(status)]
+    if status.get("state_reset"):
+        lines.append(f"  note: {status['state_reset']}")
     services = status.get("services") or []
     if services:
         lines.append("")

@@ -120,6 +120,8 @@ class Rollout:
     reload_settle_s: float = 2.0
     #: service -> restarts allowed for a new container that misses its deadline (role.yaml)
     start_retries: Mapping[str, int] = field(default_factory=dict)
+    #: the rendered compose file, written to the stack dir (``docker compose ls`` names it)
+    compose: str | None = None
 
 
 class Executor:
@@ -286,7 +288,7 @@ class Executor:
             self.engine.start(cid)
             self._wait(want.spec, cid)
             if action.changed:  # started on new mounted files
-                record_files(self.stack_dir, cid, want)
+                record_files(self.stack_dir, cid, want, self.rollout.commit)
         elif action.kind is ActionKind.RESTART:
             self._restart(want, cid, action.reason)
         elif action.kind is ActionKind.RELOAD and action.signal:
@@ -294,7 +296,11 @@ class Executor:
 
     def _labels(self, stack: StackSpec, want: Desired) -> dict[str, str]:
         labels = container_labels(stack, want, self.rollout.host, self.rollout.commit)
-        return {**labels, L.WORKING_DIR: str(self.stack_dir)}
+        return {
+            **labels,
+            L.WORKING_DIR: str(self.stack_dir),
+            L.CONFIG_FILES: str(self.stack_dir / L.COMPOSE_FILE),
+        }
 
     def _restart(self, want: Desired, cid: str, reason: str) -> None:
         """Restart on new mounted files; if it does not come back, restart it on the old ones."""
@@ -309,7 +315,7 @@ class Executor:
             self.engine.restart(cid, timeout=_grace(want))
             raise ServiceFailed(f"restart on the new files failed ({exc}); restarted on the old files", True) from None
         # Labels cannot change on a live container: remember the files it now runs with.
-        record_files(self.stack_dir, cid, want)
+        record_files(self.stack_dir, cid, want, self.rollout.commit)
 
     def _reload(self, want: Desired, cid: str, sig: str, reason: str) -> None:
         """Signal, then make sure the service survived it: still running and, with a
@@ -319,7 +325,7 @@ class Executor:
         self.engine.signal(cid, sig)
         why = self._verify_reload(want, cid, sent)
         if why is None:
-            record_files(self.stack_dir, cid, want)
+            record_files(self.stack_dir, cid, want, self.rollout.commit)
             return
         self._restore_files(self._previous, only=want)
         try:
@@ -474,13 +480,16 @@ class Executor:
         """Write the stack's files, remembering each one's previous content *before* it is
         replaced, so a failure half-way still puts back exactly what was there."""
         self.stack_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for f in stack.files.values():
-            path = self.stack_dir / f.path
+        files = [(f.path, f.content.encode(), f.mode) for f in stack.files.values()]
+        if self.rollout.compose is not None and L.COMPOSE_FILE not in stack.files:
+            files.insert(0, (L.COMPOSE_FILE, self.rollout.compose.encode(), 0o600))
+        for rel, content, mode in files:
+            path = self.stack_dir / rel
             old = (path.read_bytes(), path.stat().st_mode & 0o777) if path.is_file() else None
-            if old == (f.content.encode(), f.mode):
+            if old == (content, mode):
                 continue
             self._previous[path] = old
-            write_atomic(path, f.content.encode(), f.mode)
+            write_atomic(path, content, mode)
 
     def _restore_files(self, previous: dict[Path, tuple[bytes, int] | None], only: Desired | None = None) -> None:
         """Put files back; with ``only``, just the files that service mounts (a worker
@@ -504,12 +513,13 @@ RELOADS = ".reloads.json"
 _RELOADS_LOCK = threading.Lock()
 
 
-def record_files(stack_dir: Path, container: str, want: Desired) -> None:
-    """A container now runs with new mounted files (reloaded or restarted in place)."""
+def record_files(stack_dir: Path, container: str, want: Desired, commit: str) -> None:
+    """A container now runs with new mounted files (reloaded or restarted in place), from
+    ``commit``: its labels cannot change, so the effective commit is recorded with the files."""
     path = stack_dir / RELOADS
     with _RELOADS_LOCK:
         data = json.loads(path.read_text()) if path.is_file() else {}
-        data[container] = {"files_hash": want.files_hash, "files": want.files}
+        data[container] = {"files_hash": want.files_hash, "files": want.files, "commit": commit}
         write_atomic(path, json.dumps(data).encode(), 0o600)
 
 
@@ -536,6 +546,8 @@ def with_reloads(observed: Observed, stack_dir: Path, prune: bool = True) -> Obs
             L.FILES_HASH: data[c.id]["files_hash"],
             L.FILES: canonical_json(data[c.id]["files"]),
         }
+        if data[c.id].get("commit"):  # recorded by agents since the commit was recorded too
+            labels[L.COMMIT] = data[c.id]["commit"]
         patched.append(c.model_copy(update={"labels": labels}))
     return observed.model_copy(update={"containers": tuple(patched)})
 

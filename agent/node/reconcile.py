@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import secrets as pysecrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from agent.adapters.fs import LockHeld, locked, private_dir
+from agent.adapters.fs import LockHeld, locked, machine_lock_dir, private_dir
 from agent.adapters.gitsource import tree_commit
 from agent.adapters.secrets import SecretResolver
+from agent.core import labels as L
 from agent.core.errors import (
     AgentError,
     ConfigError,
@@ -35,7 +37,7 @@ from agent.core.outcomes import ActionKind, Failure, PassOutcome
 from agent.core.plan import Action, container_name, pending, plan
 from agent.core.ports import Clock, Engine, SystemClock
 from agent.core.redact import scrub
-from agent.core.rendered import RenderedStack
+from agent.core.rendered import RenderedStack, project_name
 from agent.core.stack import StackSpec
 from agent.desired.load import load_desired
 from agent.desired.render import render_host
@@ -44,6 +46,9 @@ from agent.node.settings import Settings
 from agent.node.state import AgentState, Quarantined, Run, StateStore, now
 
 log = structlog.get_logger("agent.reconcile")
+
+#: The engine a pass talks to when ``DOCKER_HOST`` is unset (docker's own default).
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 
 
 @dataclass
@@ -149,7 +154,7 @@ def reconcile_once(
     applied_fp: str | None = None
     try:
         # A dry run takes no lock: it must not wait for, or block, a real pass.
-        with contextlib.nullcontext() if options.dry_run else pass_lock(settings.state_dir):
+        with contextlib.nullcontext() if options.dry_run else pass_lock(settings):
             applied_fp = run.run()
     except (AgentError, OSError) as exc:
         result.fail(failure_of(exc), _message(exc))
@@ -159,10 +164,23 @@ def reconcile_once(
     return result
 
 
-def pass_lock(state_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """One pass at a time per host; released by the kernel if the process dies."""
-    private_dir(state_dir)
-    return locked(state_dir / "pass.lock", "another pass is running on this host", write_pid=True)
+@contextlib.contextmanager
+def pass_lock(settings: Settings) -> Iterator[None]:
+    """One pass at a time per host; released by the kernel if the process dies. Two locks:
+    the state dir's, and one per engine and compose project in a machine-wide directory, so
+    two agents with different state dirs never interleave on the same containers."""
+    private_dir(settings.state_dir)
+    busy = "another pass is running on this host"
+    machine_lock = machine_lock_dir() / f"pass-{host_lock_key(settings)}.lock"
+    with locked(settings.state_dir / "pass.lock", busy, write_pid=True), locked(machine_lock, busy, write_pid=True):
+        yield
+
+
+def host_lock_key(settings: Settings) -> str:
+    """Engine address and compose project, hashed: what two passes must not share at once."""
+    engine = os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE
+    project = project_name(settings.host, settings.project_prefix)
+    return hashlib.sha256(f"{engine}\0{project}".encode()).hexdigest()[:16]
 
 
 def _message(exc: Exception) -> str:
@@ -192,6 +210,8 @@ class Pass:
         self.clock = clock
         self.result = result
         self.store = StateStore(settings.state_dir)
+        #: the rendered compose file (secret-free: render refuses a leak into it)
+        self.compose: str | None = None
 
     def run(self) -> str | None:
         """Render, observe, plan, maybe apply. Returns the fingerprint now applied, if any."""
@@ -228,6 +248,7 @@ class Pass:
             raise DesiredStateError(errors)
         self.result.project = rendered.stack.project
         self.result.role = rendered.role
+        self.compose = rendered.compose
         self.result.routing = {
             a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()
         }
@@ -262,6 +283,7 @@ class Pass:
             say=o.say,
             stopping=o.stopping,
             start_retries=start_retries,
+            compose=self.compose,
         )
 
     def rollout_failed(self, fp: str) -> None:
@@ -307,6 +329,7 @@ def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str |
             "container": c.id[:12] if c else None,
             "state": c.state if c else "missing",
             "health": c.health if c else None,
+            "commit": c.labels.get(L.COMMIT) if c else None,
         }
     return out
 

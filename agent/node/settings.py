@@ -8,6 +8,7 @@ override both.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -19,6 +20,10 @@ from agent.core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/llm-agent/agent.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: A compose project / container name prefix: it becomes part of a directory name under the
+#: state dir and of engine object names, so no path separators, dots or upper case.
+MAX_PREFIX = 20
+PREFIX_RE = re.compile(rf"(?:[a-z0-9][a-z0-9_-]{{0,{MAX_PREFIX - 1}}})?")
 
 
 class Settings(BaseModel):
@@ -43,7 +48,8 @@ class Settings(BaseModel):
     interval: float = Field(30.0, gt=0)
     splay: float = Field(5.0, ge=0)
     #: Cap, in seconds, on waiting for one service to become healthy during a pass.
-    health_timeout: float | None = Field(None, gt=0)
+    #: At least 1 s: below that a healthy service fails its first check and is rolled back.
+    health_timeout: float | None = Field(None, ge=1, allow_inf_nan=False)
     #: A pass running longer than this stops feeding the systemd watchdog (the agent restarts).
     pass_timeout: float = Field(1800.0, gt=0)
     #: One of ``LOG_LEVELS`` (any case); ``debug`` also puts tracebacks into the journal.
@@ -62,6 +68,16 @@ class Settings(BaseModel):
         if value.lower() not in LOG_LEVELS:
             raise ValueError(f"'{value}' is not a log level; use one of {', '.join(LOG_LEVELS)}")
         return value.lower()
+
+    @field_validator("project_prefix")
+    @classmethod
+    def _safe_prefix(cls, value: str) -> str:
+        if not PREFIX_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a usable prefix: lowercase letters, digits, '-' and '_', "
+                f"starting with a letter or digit, at most {MAX_PREFIX} characters"
+            )
+        return value
 
     @property
     def socket_path(self) -> Path:
