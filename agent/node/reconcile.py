@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.adapters.fs import LockHeld, locked, machine_lock_dir, private_dir
+from agent.adapters.fs import LockHeld, UnsafePath, locked, machine_lock_dir, private_dir
 from agent.adapters.gitsource import tree_commit
 from agent.adapters.secrets import SecretResolver
 from agent.core import labels as L
@@ -128,6 +128,7 @@ def failure_of(exc: Exception) -> Failure:
         (EngineUnavailable, Failure.ENGINE_UNAVAILABLE),
         (EngineError, Failure.ENGINE),
         (LockHeld, Failure.LOCKED),
+        (UnsafePath, Failure.STATE),
         (ConfigError, Failure.CONFIG),
         (OSError, Failure.STATE),
     ]
