@@ -190,7 +190,13 @@ def test_push_is_applied_and_trigger_is_fast(rig: Rig) -> None:
     status = rig.wait(applied(second), INTERVAL + SPLAY + 2 + 8, "pushed commit applied")  # + container start
     assert time.monotonic() - t0 < INTERVAL + SPLAY + 2 + 8
     assert status["services"] == [
-        {"name": "vllm", "container": status["services"][0]["container"], "state": "running", "health": "healthy"}
+        {
+            "name": "vllm",
+            "container": status["services"][0]["container"],
+            "state": "running",
+            "health": "healthy",
+            "commit": second,
+        }
     ]
 
     third = rig.commit("back to 8192", edit=rig.set_armitage())

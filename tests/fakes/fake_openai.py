@@ -10,9 +10,13 @@ GET /health, GET /v1/models, POST /v1/chat/completions (``stream`` too), /v1/com
 ``--api-key`` /v1/* needs ``Authorization: Bearer <key>``; with ``--max-model-len`` a prompt
 whose word count plus ``max_tokens`` exceeds it gets 400 "maximum context length".
 
-Environment: FAKE_MODE=ok|hang|error (hang: read the request, never answer; error: 500 on
-/health and /v1/*), FAKE_DELAY_S (added latency), FAKE_MODE_FILE (mode re-read from it on
-every request, and every 0.1 s by hanging requests, which answer once it changes), FAKE_NAME.
+GET /metrics serves vLLM's load gauges (``vllm:num_requests_running`` / ``_waiting``, the
+requests in flight); GET /fake/stats counts what was received per path.
+
+Environment: FAKE_MODE=ok|hang|error|stall (hang: read the request, never answer; error: 500
+on /health and /v1/*; stall: /v1/* answers its headers, then nothing), FAKE_DELAY_S (added
+latency), FAKE_MODE_FILE (mode re-read from it on every request, and every 0.1 s by hanging
+requests, which answer once it changes), FAKE_NAME.
 One line per request on stderr. SIGTERM exits 0.
 """
 
@@ -32,7 +36,7 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MODES = ("ok", "hang", "error")
+MODES = ("ok", "hang", "error", "stall")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,6 +64,9 @@ class FakeServer(ThreadingHTTPServer):
         self.args, self.env = args, dict(env)
         self.stopping = threading.Event()
         self.counter = 0
+        self.in_flight = 0
+        self.received: dict[str, int] = {}
+        self.lock = threading.Lock()
         super().__init__((args.host, args.port), Handler)
         host = "127.0.0.1" if args.host in ("", "0.0.0.0") else args.host
         self.ident = self.env.get("FAKE_NAME") or f"{host}:{self.server_address[1]}"
@@ -117,7 +124,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_request(self, body: dict[str, Any] | None) -> None:
         start, mode, self.status = time.monotonic(), self.server.mode(), 0
+        path = self.path.split("?", 1)[0].rstrip("/")
+        counted = path.startswith("/v1/")
+        with self.server.lock:
+            self.server.received[path] = self.server.received.get(path, 0) + 1
+            self.server.in_flight += counted
         try:
+            if mode == "stall" and counted:
+                self.stall(body or {})
+                return
             if mode == "hang" and (mode := self.hang()) == "hang":
                 self.close_connection = True
                 return
@@ -128,6 +143,8 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.status = 499
         finally:
+            with self.server.lock:
+                self.server.in_flight -= counted
             ms, status = (time.monotonic() - start) * 1000, self.status or "-"
             self.log_message("%s %s %s %s %.0fms", self.command, self.path, status, mode, ms)
 
@@ -141,9 +158,26 @@ class Handler(BaseHTTPRequestHandler):
                 return mode
         return "hang"
 
-    def route(self, body: dict[str, Any] | None, mode: str) -> None:
+    def stall(self, body: dict[str, Any]) -> None:
+        """Headers (and for a stream, its first byte of nothing), then silence."""
+        if body.get("stream"):
+            self.start_response(200, "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.start_response(200, "application/json")
+            self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.flush()
+        self.hang()
+        self.close_connection = True
+
+    def route(self, body: dict[str, Any] | None, mode: str) -> None:  # noqa: PLR0911 - one return per route
         path = self.path.split("?", 1)[0].rstrip("/")
         is_api = path.startswith("/v1/")
+        if path == "/metrics" and body is None:
+            return self.metrics()
+        if path == "/fake/stats" and body is None:
+            return self.send_json(200, {"received": self.server.received, "in_flight": self.server.in_flight})
         if mode == "error" and (is_api or path == "/health"):
             return self.fail(500, "fake: FAKE_MODE=error", "InternalServerError")
         if path == "/health" and body is None:
@@ -185,6 +219,20 @@ class Handler(BaseHTTPRequestHandler):
         name = body.get("model") or self.server.args.served_model_name[0]
         usage = {"prompt_tokens": tokens, "completion_tokens": 1, "total_tokens": tokens + 1}
         return f"fake:{name}@{self.server.ident}", usage
+
+    def metrics(self) -> None:
+        name = self.server.args.served_model_name[0]
+        running = max(self.server.in_flight, 0)
+        text = (
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="{name}"}} {running}.0\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="{name}"}} 0.0\n'
+        ).encode()
+        self.start_response(200, "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text)
 
     def models(self, _body: dict[str, Any]) -> None:
         args = self.server.args
