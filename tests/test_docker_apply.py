@@ -243,7 +243,7 @@ def test_plan_needs_no_writes(fleet: Fleet, capsys: pytest.CaptureFixture[str], 
 
 
 def test_deleted_stack_files_are_found_rewritten_and_mounted_again(
-    fleet: Fleet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The whole stack directory deleted under a running proxy: ``plan`` reports it (exit 2),
     ``apply`` rewrites the files and restarts the proxy, which sees them again (a reload alone
@@ -254,7 +254,6 @@ def test_deleted_stack_files_are_found_rewritten_and_mounted_again(
     desired = (stack / "config" / "config.yaml").read_text()
     subprocess.run(["rm", "-rf", str(stack)], check=True)
 
-    monkeypatch.setenv("AGENT_STATE_DIR", str(fleet.state))  # `agent plan` reads the stack files there
     code, out = fleet.plan("motoko", capsys)
     assert code == 2, out
     todo = {(a["action"], a["target"]) for a in out["actions"]}
