@@ -111,3 +111,18 @@ def test_a_new_state_dir_recreates_the_services_that_mount_stack_files(tmp_path:
     [litellm] = [c for c in engine.containers.values() if c.labels.get(L.SERVICE) == "litellm"]
     assert litellm.labels[L.WORKING_DIR] == str(new)
     assert apply(s, engine, dry_run=True).result is PassOutcome.CONVERGED
+
+
+def test_an_unreadable_config_is_said_so_and_rewritten(tmp_path: Path, repo: Path) -> None:
+    s, engine = settings(tmp_path, repo), FakeEngine(any_image=True)
+    stack = converged(s, engine)
+    config = stack / "config" / "config.yaml"
+    desired = config.read_text()
+    config.write_bytes(b"\xff\xfe not text")
+
+    todo = kinds(apply(s, engine, dry_run=True))
+    assert todo[("write_file", "config/config.yaml")].endswith("(unreadable)")
+    assert "restarted so the container mounts it afresh" in todo[("restart", "litellm")]
+    fixed = apply(s, engine)
+    assert fixed.result is PassOutcome.CONVERGED, fixed.error
+    assert config.read_text() == desired

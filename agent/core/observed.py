@@ -48,6 +48,10 @@ class ObservedContainer(BaseModel):
         return value if isinstance(value, dict) else {}
 
 
+#: A stack file that exists but cannot be read: never equal to a desired file's hash.
+UNREADABLE = "unreadable"
+
+
 class StackDir(BaseModel):
     """The stack directory on disk as the pass found it: what the containers mount."""
 
@@ -56,7 +60,7 @@ class StackDir(BaseModel):
     #: where the agent writes this stack's files now (absolute or as configured)
     path: str
     #: stack file path -> hash of its mode and content on disk (``hashing.file_hashes``'
-    #: form), or None when it is missing or unreadable
+    #: form); None when it is missing, ``UNREADABLE`` when it cannot be read (or is not text)
     files: dict[str, str | None] = Field(default_factory=dict)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from agent.core import hashing as spechash
 from agent.core import labels as L
-from agent.core.observed import Observed, ObservedContainer
+from agent.core.observed import UNREADABLE, Observed, ObservedContainer
 from agent.core.outcomes import MUTATING, ActionKind
 
 __all__ = ["MUTATING", "Action", "ActionKind", "Desired", "plan"]
@@ -163,7 +163,7 @@ def _files_on_disk(stack: StackSpec, observed: Observed) -> list[Action]:
 
 
 def _disk_reason(path: str, found: str | None) -> str:
-    how = "missing (deleted, or a new state directory)" if found is None else "edited"
+    how = {None: "missing (deleted, or a new state directory)", UNREADABLE: "unreadable"}.get(found, "edited")
     return f"{path} on disk differs from the desired state ({how})"
 
 
@@ -308,10 +308,10 @@ def _disk_drift(view: _View, name: str, current: ObservedContainer, want: Desire
     if not drifted:
         return None
     what = f"{', '.join(drifted)} on disk differs from the desired state"
-    if any(disk.files.get(p) is None for p in drifted):
+    if any(disk.files.get(p) in (None, UNREADABLE) for p in drifted):
         policy = view.on_config_change.get(name, "restart")
         kind = ActionKind.RECREATE if policy == "recreate" else ActionKind.RESTART
-        reason = f"{what} (deleted); rewritten, then restarted so the container mounts it afresh"
+        reason = f"{what} (deleted or unreadable); rewritten, then restarted so the container mounts it afresh"
         return Action(kind, name, reason, drifted, current.id)
     return _config_action(view, name, current, drifted, f"{what} (edited); rewritten")
 

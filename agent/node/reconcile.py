@@ -31,7 +31,7 @@ from agent.core.errors import (
 )
 from agent.core.hashing import file_hashes
 from agent.core.lint import lint_fleet, lint_stack
-from agent.core.observed import Observed, StackDir
+from agent.core.observed import UNREADABLE, Observed, StackDir
 from agent.core.outcomes import ActionKind, Failure, PassOutcome
 from agent.core.plan import Action, container_name, pending, plan
 from agent.core.ports import Clock, Engine, SystemClock
@@ -305,7 +305,7 @@ def _file_on_disk(path: Path) -> str | None:
         content = path.read_bytes().decode("utf-8")
         mode = path.stat().st_mode & 0o777
     except (OSError, UnicodeDecodeError):
-        return None
+        return UNREADABLE
     return file_hashes([StackFile(path=path.name, content=content, mode=mode)])[path.name]
 
 
