@@ -25,6 +25,7 @@ import re
 import secrets as pysecrets
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +44,7 @@ from agent.core.redact import Redactor
 from agent.core.rendered import project_name
 from agent.daemon.control import ControlServer
 from agent.daemon.metrics import Metrics
-from agent.daemon.watch import EventWatcher
+from agent.daemon.watch import EventWatcher, Timing
 from agent.node.reconcile import PassOptions, PassResult, reconcile_once
 from agent.node.settings import Settings
 from agent.node.state import AgentState, Pause, StateStore, now
@@ -106,6 +107,8 @@ class Daemon:
         self._pass_lock = threading.Lock()
         self._again = threading.Event()
         self._pass_started: float | None = None
+        #: time.monotonic() when the latest pass began (the event watcher reads it)
+        self._pass_began = 0.0
         self._engine: Engine | None = None
         self.source: DesiredSource = source or default_source(settings)
         self.last: PassResult | None = None
@@ -150,8 +153,8 @@ class Daemon:
             self.trigger,
             self.stop_event,
             busy=self._pass_lock.locked,
-            debounce_s=self.event_debounce_s,
-            backoff_s=self.event_backoff_s,
+            last_pass_began=lambda: self._pass_began,
+            timing=Timing(self.event_debounce_s, self.event_backoff_s),
         ).start()
 
     def _schedule(self) -> None:
@@ -187,6 +190,7 @@ class Daemon:
                 return
             try:
                 self._again.clear()
+                self._pass_began = time.monotonic()
                 self.one_pass()
             finally:
                 self._pass_lock.release()

@@ -6,7 +6,8 @@ One thread reads the stream (its own engine connection, so a pass dropping its e
 not end it); a burst of events is debounced into one request. An event that arrives while a
 pass runs (most likely caused by that pass's own replacements) only asks for one more pass
 after it, which the daemon coalesces (``Daemon.trigger``): a pass's own events cost at most
-one extra pass, which finds nothing to do. A broken or ended stream is reopened with
+one extra pass, which finds nothing to do (a burst that a pass began after is dropped: that
+pass saw what it did). A broken or ended stream is reopened with
 exponential backoff; the stop event (or ``close``) ends it all.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -23,6 +25,14 @@ from agent.core.errors import EngineError
 from agent.core.ports import Engine, EngineEvent, EventStream
 
 log = structlog.get_logger("agent.watch")
+
+
+@dataclass(frozen=True)
+class Timing:
+    #: a burst of events within this many seconds asks for one pass
+    debounce_s: float = 0.5
+    #: reopening a broken stream: first wait, longest wait (doubling in between)
+    backoff_s: tuple[float, float] = (1.0, 30.0)
 
 
 class EventWatcher:
@@ -34,21 +44,26 @@ class EventWatcher:
         stop: threading.Event,
         *,
         busy: Callable[[], bool] = lambda: False,
-        debounce_s: float = 0.5,
-        backoff_s: tuple[float, float] = (1.0, 30.0),
+        last_pass_began: Callable[[], float] = lambda: 0.0,
+        timing: Timing | None = None,
     ) -> None:
         self.engine_factory = engine_factory
         self.project = project
         self.on_drift = on_drift
         self.stop_event = stop
         self.busy = busy
-        self.debounce_s = debounce_s
-        self.backoff_s = backoff_s
+        #: when (``time.monotonic``) the latest pass began: a pass that began after an event
+        #: observed what the event did, so the event needs no pass of its own
+        self.last_pass_began = last_pass_began
+        timing = timing or Timing()
+        self.debounce_s = timing.debounce_s
+        self.backoff_s = timing.backoff_s
         #: how many times the stream was opened (tests, status)
         self.connections = 0
         self._lock = threading.Lock()
         self._stream: EventStream | None = None
         self._timer: threading.Timer | None = None
+        self._burst_at = 0.0
         self._thread: threading.Thread | None = None
 
     def start(self) -> EventWatcher:
@@ -119,6 +134,7 @@ class EventWatcher:
         with self._lock:
             if self._timer is not None:
                 return  # part of a burst already waiting
+            self._burst_at = time.monotonic()
             self._timer = threading.Timer(self.debounce_s, self._fire)
             self._timer.daemon = True
             self._timer.start()
@@ -126,5 +142,6 @@ class EventWatcher:
     def _fire(self) -> None:
         with self._lock:
             self._timer = None
-        if not self.stop_event.is_set():
+            covered = self.last_pass_began() > self._burst_at  # e.g. the pass a trigger asked for
+        if not self.stop_event.is_set() and not covered:
             self.on_drift()
