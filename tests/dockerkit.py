@@ -93,7 +93,10 @@ class Fleet:
         return code, json.loads(out)
 
     def plan(self, host: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
-        code = main(["plan", *self.args(host), "--json"])
+        # The stack files `apply` wrote are part of what is compared: the same state dir.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AGENT_STATE_DIR", str(self.state))
+            code = main(["plan", *self.args(host), "--json"])
         return code, json.loads(capsys.readouterr().out)
 
     def containers(self, host: str) -> list[dict[str, Any]]:

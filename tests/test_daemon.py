@@ -215,7 +215,9 @@ def test_push_is_applied_and_trigger_is_fast(rig: Rig) -> None:
 
     # JSON logs (not a terminal), a run id on every line of a pass.
     lines = [json.loads(line) for line in rig.log().splitlines() if line.startswith("{")]
-    in_pass = [x for x in lines if x["event"] not in ("agent started", "agent stopping")]
+    # (the event watcher's lines are not part of a pass: they ask for one)
+    outside = ("agent started", "agent stopping", "container event")
+    in_pass = [x for x in lines if x["event"] not in outside and not x["event"].startswith("engine event stream")]
     assert in_pass and all(x.get("run_id") for x in in_pass), [x for x in in_pass if not x.get("run_id")]
     assert any(x["event"] == "vllm: replacing (changed: command)" for x in lines)
 
@@ -380,3 +382,29 @@ def test_notify_protocol_and_no_secret_anywhere(rig: Rig, tmp_path: Path) -> Non
     )
     assert CANARY not in revealed.stdout + revealed.stderr
     assert CANARY in (tmp_path / "rr" / "litellm.env").read_text()
+
+
+def running_ids(rig: Rig) -> list[str]:
+    project = f"{rig.prefix}armitage"
+    out = docker("ps", "--filter", f"label=com.docker.compose.project={project}", "--format", "{{.ID}}")
+    return out.splitlines()
+
+
+def test_a_container_removed_by_hand_is_back_through_the_event(rig: Rig) -> None:
+    rig.env.update(AGENT_INTERVAL="60", AGENT_SPLAY="0")
+    first = rig.commit("armitage on the fake vLLM", edit=rig.set_armitage())
+    rig.start()
+    rig.wait(applied(first), 20, "first commit applied")
+    [old] = running_ids(rig)
+    time.sleep(1.0)  # the watcher has its stream open (it opens at start, well before this)
+
+    t0 = time.monotonic()
+    docker("rm", "-f", old)
+    while time.monotonic() - t0 < 10 and not [c for c in running_ids(rig) if not old.startswith(c)]:
+        time.sleep(0.05)
+    back = time.monotonic() - t0
+    new = running_ids(rig)
+    assert new and not old.startswith(new[0]), f"not back within 10 s (interval 60 s)\n{rig.log()[-3000:]}"
+    print(f"docker rm -f to running again: {back:.2f}s")
+    assert back < 10
+    assert "container event" in rig.log()

@@ -243,3 +243,28 @@ def test_plan_needs_no_writes(fleet: Fleet, capsys: pytest.CaptureFixture[str], 
     code, out = fleet.plan("armitage", capsys)
     assert code == 2 and [a["action"] for a in out["actions"]] == ["create_network", "create"]
     assert fleet.containers("armitage") == []
+
+
+def test_deleted_stack_files_are_found_rewritten_and_mounted_again(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole stack directory deleted under a running proxy: ``plan`` reports it (exit 2),
+    ``apply`` rewrites the files and restarts the proxy, which sees them again (a reload alone
+    would not: its bind mount still holds the deleted directory)."""
+    assert fleet.apply("motoko", capsys)[0] == 0
+    [lite] = [c for c in fleet.containers("motoko") if c["name"].endswith("litellm")]
+    stack = fleet.state / "stacks" / f"{fleet.prefix}motoko"
+    desired = (stack / "config" / "config.yaml").read_text()
+    subprocess.run(["rm", "-rf", str(stack)], check=True)
+
+    code, out = fleet.plan("motoko", capsys)
+    assert code == 2, out
+    todo = {(a["action"], a["target"]) for a in out["actions"]}
+    assert {("write_file", "config/config.yaml"), ("write_file", "litellm.env"), ("restart", "litellm")} <= todo
+
+    code, out = fleet.apply("motoko", capsys)
+    assert code == 0, out
+    assert (stack / "config" / "config.yaml").read_text() == desired
+    assert docker("exec", lite["name"], "cat", "/app/config/config.yaml") == desired.strip()
+    assert [c["id"] for c in fleet.containers("motoko") if c["name"].endswith("litellm")] == [lite["id"]]
+    assert fleet.apply("motoko", capsys)[1]["result"] == "converged"

@@ -30,11 +30,13 @@ import docker
 import docker.errors
 import requests.exceptions
 import structlog
+import urllib3.exceptions
 from docker.types import DeviceRequest, EndpointConfig, Healthcheck, Ulimit
 
 from agent.core import labels as L
 from agent.core.errors import EngineError, EngineUnavailable, ImageUnavailable, NetworkInUse, NotFound
 from agent.core.observed import Observed, ObservedContainer
+from agent.core.ports import WATCHED_EVENTS, EngineEvent
 from agent.core.stack import ServiceSpec, StackSpec
 
 __all__ = [
@@ -316,12 +318,63 @@ class DockerEngine:
                 return True
         return False
 
+    def events(self, project: str) -> DockerEvents:
+        """The watched events (``WATCHED_EVENTS``) of our containers in ``project``, filtered
+        by the engine. ``close()`` on the result ends the iteration from another thread."""
+        filters = {
+            "label": [f"{L.OWNER}={L.OWNER_VALUE}", f"{L.PROJECT}={project}"],
+            "type": "container",
+            "event": list(WATCHED_EVENTS),
+        }
+        with _mapped("watch events"):
+            return DockerEvents(self.api.events(decode=True, filters=filters))
+
     def logs_tail(self, cid: str, lines: int = 5) -> str:
         try:
             with _mapped(f"logs {cid[:12]}"):
                 return bytes(self.api.logs(cid, tail=lines)).decode("utf-8", "replace").strip()
         except EngineError:
             return ""
+
+
+class DockerEvents:
+    """The engine's event stream in our types. Every failure while reading it is an
+    ``EngineUnavailable``; once ``close`` was called, the iteration just ends."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._closed = False
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        try:
+            with _mapped("event stream"):
+                for raw in self._stream:
+                    event = _event(raw)
+                    if event is not None:
+                        yield event
+        except EngineError:
+            if not self._closed:
+                raise
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as exc:
+            if not self._closed:  # a socket torn down under the reader
+                raise EngineUnavailable(f"event stream: broken ({type(exc).__name__})") from None
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(Exception):  # already closed, or the socket already gone
+            self._stream.close()
+
+
+def _event(raw: Any) -> EngineEvent | None:
+    if not isinstance(raw, dict) or raw.get("Type", "container") != "container":
+        return None
+    actor = raw.get("Actor") or {}
+    action = str(raw.get("Action") or raw.get("status") or "").split(":")[0]
+    cid = str(actor.get("ID") or raw.get("id") or "")
+    if action not in WATCHED_EVENTS or not cid:
+        return None
+    name = str((actor.get("Attributes") or {}).get("name", ""))
+    return EngineEvent(action, cid, name, float(raw.get("time") or 0))
 
 
 def _epoch(stamp: str) -> float:

@@ -48,6 +48,22 @@ class ObservedContainer(BaseModel):
         return value if isinstance(value, dict) else {}
 
 
+#: A stack file that exists but cannot be read: never equal to a desired file's hash.
+UNREADABLE = "unreadable"
+
+
+class StackDir(BaseModel):
+    """The stack directory on disk as the pass found it: what the containers mount."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: where the agent writes this stack's files now (absolute or as configured)
+    path: str
+    #: stack file path -> hash of its mode and content on disk (``hashing.file_hashes``'
+    #: form); None when it is missing, ``UNREADABLE`` when it cannot be read (or is not text)
+    files: dict[str, str | None] = Field(default_factory=dict)
+
+
 class Observed(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -57,3 +73,5 @@ class Observed(BaseModel):
     owned_networks: tuple[str, ...] = ()
     #: image reference -> local image id, or None when the image is not present.
     images: dict[str, str | None] = Field(default_factory=dict)
+    #: the stack files on disk; None when not observed (the planner then trusts the labels)
+    stack_dir: StackDir | None = None

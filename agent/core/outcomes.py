@@ -13,6 +13,7 @@ from enum import StrEnum
 
 class ActionKind(StrEnum):
     CREATE_NETWORK = "create_network"
+    WRITE_FILE = "write_file"  # a stack file on disk differs from the desired one
     PULL = "pull"
     CREATE = "create"
     RECREATE = "recreate"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from agent.core import hashing as spechash
 from agent.core import labels as L
-from agent.core.observed import Observed, ObservedContainer
+from agent.core.observed import UNREADABLE, Observed, ObservedContainer
 from agent.core.outcomes import MUTATING, ActionKind
 
 __all__ = ["MUTATING", "Action", "ActionKind", "Desired", "plan"]
@@ -105,7 +105,7 @@ def network_name(stack: StackSpec, network: str) -> str:
 def plan(stack: StackSpec, observed: Observed, on_config_change: Mapping[str, str] | None = None) -> list[Action]:
     """Actions that take ``observed`` to ``stack``, each with its reason. Pure."""
     view = _View(stack, observed, on_config_change or {})
-    actions = [*_networks(stack, observed), *_pulls(stack, observed)]
+    actions = [*_networks(stack, observed), *_pulls(stack, observed), *_files_on_disk(stack, observed)]
     for wave in stack.start_order():
         for name in wave:
             actions.extend(_service_actions(view, name))
@@ -148,6 +148,25 @@ def _pulls(stack: StackSpec, observed: Observed) -> list[Action]:
     ]
 
 
+def _files_on_disk(stack: StackSpec, observed: Observed) -> list[Action]:
+    """Stack files on disk that are not what is desired (deleted, edited, or a new state
+    directory): rewritten before any service is touched. What runs must match, files included."""
+    disk = observed.stack_dir
+    if disk is None:
+        return []
+    want = spechash.file_hashes(stack.files.values())
+    return [
+        Action(ActionKind.WRITE_FILE, path, _disk_reason(path, disk.files.get(path)))
+        for path, digest in sorted(want.items())
+        if disk.files.get(path) != digest
+    ]
+
+
+def _disk_reason(path: str, found: str | None) -> str:
+    how = {None: "missing (deleted, or a new state directory)", UNREADABLE: "unreadable"}.get(found, "edited")
+    return f"{path} on disk differs from the desired state ({how})"
+
+
 def _orphans(view: _View) -> list[Action]:
     """Our containers for services that left the desired state."""
     return [
@@ -184,7 +203,7 @@ def _service_actions(view: _View, name: str) -> list[Action]:
     removals, current = _dedupe(name, mine, want)
     if current is None:
         return [*removals, Action(ActionKind.CREATE, name, "no container for this service")]
-    rules = (_renamed, _spec_changed, _files_changed, _not_running)
+    rules = (_renamed, _spec_changed, _moved, _files_changed, _disk_drift, _not_running)
     for rule in rules:
         action = rule(view, name, current, want)
         if action is not None:
@@ -252,22 +271,60 @@ def _spec_changed(view: _View, name: str, current: ObservedContainer, want: Desi
     return Action(ActionKind.RECREATE, name, reason, changed, container=current.id)
 
 
+def _moved(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """The container bind-mounts stack files from another directory than the one the agent
+    writes now (the state directory moved): only a new container mounts the new one."""
+    disk = view.observed.stack_dir
+    if disk is None or not any(m.stack_relative is not None for m in want.spec.mounts):
+        return None
+    was = current.labels.get(L.WORKING_DIR)
+    if not was or was == disk.path:
+        return None
+    reason = f"container mounts its files from {was}; the stack directory is now {disk.path}"
+    return Action(ActionKind.RECREATE, name, reason, ("stack directory",), container=current.id)
+
+
 def _files_changed(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
     """Only mounted file contents changed: the role's declared action."""
     if current.labels.get(L.FILES_HASH) == want.files_hash:
         return None
     files = _changed(current.json_label(L.FILES), want.files) or ("mounted files",)
     what = ", ".join(files)
-    policy = view.on_config_change.get(name, "restart")
     if current.state != "running":
         reason = f"{what} changed; container is {current.state}, starting it with the new files"
         return Action(ActionKind.RESTART, name, reason, files, current.id)
+    return _config_action(view, name, current, files, f"{what} changed")
+
+
+def _disk_drift(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """A file the service mounts differs on disk from what it should be running with (the
+    labels agree, the disk does not): rewritten (``_files_on_disk``), then the role's action.
+    A missing file may mean its directory was replaced under the bind mount, which a reload
+    would not see: then the container is restarted, which mounts the directory afresh."""
+    disk = view.observed.stack_dir
+    if disk is None or current.state != "running":
+        return None  # not observed; or not running: started after the files are rewritten
+    drifted = tuple(p for p, digest in sorted(want.files.items()) if disk.files.get(p) != digest)
+    if not drifted:
+        return None
+    what = f"{', '.join(drifted)} on disk differs from the desired state"
+    if any(disk.files.get(p) in (None, UNREADABLE) for p in drifted):
+        policy = view.on_config_change.get(name, "restart")
+        kind = ActionKind.RECREATE if policy == "recreate" else ActionKind.RESTART
+        reason = f"{what} (deleted or unreadable); rewritten, then restarted so the container mounts it afresh"
+        return Action(kind, name, reason, drifted, current.id)
+    return _config_action(view, name, current, drifted, f"{what} (edited); rewritten")
+
+
+def _config_action(view: _View, name: str, current: ObservedContainer, files: tuple[str, ...], what: str) -> Action:
+    """The role's declared action for new mounted files on a running container."""
+    policy = view.on_config_change.get(name, "restart")
     if policy.startswith("signal:"):
         sig = policy.removeprefix("signal:")
-        reason = f"{what} changed; role policy: reload with {sig}"
+        reason = f"{what}; role policy: reload with {sig}"
         return Action(ActionKind.RELOAD, name, reason, files, current.id, sig)
     kind = ActionKind.RECREATE if policy == "recreate" else ActionKind.RESTART
-    return Action(kind, name, f"{what} changed; role policy: {policy}", files, current.id)
+    return Action(kind, name, f"{what}; role policy: {policy}", files, current.id)
 
 
 def _not_running(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:

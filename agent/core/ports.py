@@ -7,13 +7,35 @@ type-checked against these, for fast tests with no Docker, no git and no sleeps.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from agent.core.observed import Observed
 from agent.core.stack import ServiceSpec, StackSpec
+
+#: Container events that mean one of ours went away or down (docker's event names).
+WATCHED_EVENTS = ("die", "destroy", "oom", "kill")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineEvent:
+    """Something happened to one of our containers (one of ``WATCHED_EVENTS``)."""
+
+    action: str
+    container: str
+    name: str = ""
+    #: epoch seconds, as the engine stamped it
+    time: float = 0.0
+
+
+class EventStream(Protocol):
+    """Events as they happen. Iterating blocks; it ends when ``close`` is called (from any
+    thread) or the engine closes the stream, and raises ``EngineError`` when it breaks."""
+
+    def __iter__(self) -> Iterator[EngineEvent]: ...
+    def close(self) -> None: ...
 
 
 class Engine(Protocol):
@@ -39,6 +61,10 @@ class Engine(Protocol):
 
     def probe_passed_since(self, cid: str, since: float) -> bool: ...
     def logs_tail(self, cid: str, lines: int = 5) -> str: ...
+    def events(self, project: str) -> EventStream:
+        """The ``WATCHED_EVENTS`` of containers with our owner label in ``project``."""
+        ...
+
     def close(self) -> None: ...
 
 

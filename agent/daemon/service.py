@@ -7,7 +7,9 @@ there):
   time, coalesced; ``agent trigger`` (or SIGHUP) asks for a pass now;
 - the heartbeat job: feeds the systemd watchdog, unless a pass has run past ``pass_timeout``
   (then systemd restarts a hung agent);
-- the control API (``agent.daemon.control``) on the owner-only socket.
+- the control API (``agent.daemon.control``) on the owner-only socket;
+- the event watcher (``agent.daemon.watch``): a container of ours that dies or is removed
+  asks for a pass at once, not at the next interval.
 
 A pass asks the desired-state source (a port: git remote, directory, or a fake) for the commit
 to reconcile, and reconciles it (``agent.node.reconcile``). An unreachable remote keeps the
@@ -23,6 +25,7 @@ import re
 import secrets as pysecrets
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,8 +41,10 @@ from agent.core.errors import AgentError, EngineError
 from agent.core.outcomes import Failure
 from agent.core.ports import Clock, DesiredSource, Engine, SystemClock
 from agent.core.redact import Redactor
+from agent.core.rendered import project_name
 from agent.daemon.control import ControlServer
 from agent.daemon.metrics import Metrics
+from agent.daemon.watch import EventWatcher, Timing
 from agent.node.reconcile import PassOptions, PassResult, reconcile_once
 from agent.node.settings import Settings
 from agent.node.state import AgentState, Pause, StateStore, now
@@ -77,6 +82,11 @@ def docker_engine() -> Engine:
 
 
 class Daemon:
+    #: a burst of container events within this many seconds asks for one pass
+    event_debounce_s = 0.5
+    #: reopening a broken event stream: first wait, longest wait (doubling in between)
+    event_backoff_s = (1.0, 30.0)
+
     def __init__(
         self,
         settings: Settings,
@@ -97,6 +107,8 @@ class Daemon:
         self._pass_lock = threading.Lock()
         self._again = threading.Event()
         self._pass_started: float | None = None
+        #: time.monotonic() when the latest pass began (the event watcher reads it)
+        self._pass_began = 0.0
         self._engine: Engine | None = None
         self.source: DesiredSource = source or default_source(settings)
         self.last: PassResult | None = None
@@ -114,6 +126,7 @@ class Daemon:
             server = ControlServer(self.settings.socket_path, self)
             server.start()
             self._schedule()
+            watcher = self.start_watching()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
             signal.signal(signal.SIGHUP, lambda *_: self.trigger())
@@ -125,11 +138,24 @@ class Daemon:
             finally:
                 log.info("agent stopping")
                 self.notifier.stopping()
+                watcher.close()
                 self.scheduler.shutdown(wait=True)
                 server.close()
                 if self._engine is not None:
                     self._engine.close()
         return 0
+
+    def start_watching(self) -> EventWatcher:
+        """Watch the engine's events for this host's containers (see ``agent.daemon.watch``)."""
+        return EventWatcher(
+            self.engine_factory,
+            project_name(self.settings.host, self.settings.project_prefix),
+            self.trigger,
+            self.stop_event,
+            busy=self._pass_lock.locked,
+            last_pass_began=lambda: self._pass_began,
+            timing=Timing(self.event_debounce_s, self.event_backoff_s),
+        ).start()
 
     def _schedule(self) -> None:
         self.scheduler.add_job(
@@ -164,6 +190,7 @@ class Daemon:
                 return
             try:
                 self._again.clear()
+                self._pass_began = time.monotonic()
                 self.one_pass()
             finally:
                 self._pass_lock.release()

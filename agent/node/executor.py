@@ -195,7 +195,9 @@ class Executor:
         """Files (each one's old content kept to put back on failure), networks, volumes."""
         self._write_files(stack)
         for action in actions:
-            if action.kind is ActionKind.CREATE_NETWORK:
+            if action.kind is ActionKind.WRITE_FILE:  # every file was (re)written just above
+                result.outcomes.append(Outcome(action, True, f"wrote {action.target}"))
+            elif action.kind is ActionKind.CREATE_NETWORK:
                 net = next(n for n in stack.networks.values() if network_name(stack, n.name) == action.target)
                 self.engine.ensure_network(action.target, stack.project, net.name, net.driver)
                 result.outcomes.append(Outcome(action, True))

@@ -31,14 +31,15 @@ from agent.core.errors import (
     EngineUnavailable,
     SecretError,
 )
+from agent.core.hashing import file_hashes
 from agent.core.lint import lint_fleet, lint_stack
-from agent.core.observed import Observed
+from agent.core.observed import UNREADABLE, Observed, StackDir
 from agent.core.outcomes import ActionKind, Failure, PassOutcome
 from agent.core.plan import Action, container_name, pending, plan
 from agent.core.ports import Clock, Engine, SystemClock
 from agent.core.redact import scrub
 from agent.core.rendered import RenderedStack, project_name
-from agent.core.stack import StackSpec
+from agent.core.stack import StackFile, StackSpec
 from agent.desired.load import load_desired
 from agent.desired.render import render_host
 from agent.node.executor import ApplyResult, Executor, Rollout, with_reloads
@@ -259,9 +260,11 @@ class Pass:
     def observe(self, stack: StackSpec, stack_dir: Path) -> Observed:
         images = sorted({s.image for s in stack.services.values()})
         names = [container_name(stack, s) for s in stack.services]
-        return with_reloads(
+        observed = with_reloads(
             self.engine.observe(stack.project, images, names), stack_dir, prune=not self.options.dry_run
         )
+        # The files the containers mount are part of what runs: checked every pass.
+        return observed.model_copy(update={"stack_dir": stack_on_disk(stack, stack_dir)})
 
     def quarantined(self, fp: str) -> bool:
         state = self.store.load()
@@ -310,6 +313,23 @@ class Pass:
             return False
         self.result.result = PassOutcome.CONVERGED
         return True
+
+
+def stack_on_disk(stack: StackSpec, stack_dir: Path) -> StackDir:
+    """The mode and content of each desired stack file as it is on disk, hashed as the planner
+    hashes the desired ones; None for one missing or unreadable (so it differs)."""
+    return StackDir(path=str(stack_dir), files={path: _file_on_disk(stack_dir / path) for path in stack.files})
+
+
+def _file_on_disk(path: Path) -> str | None:
+    try:
+        if not path.is_file() or path.is_symlink():
+            return None
+        content = path.read_bytes().decode("utf-8")
+        mode = path.stat().st_mode & 0o777
+    except (OSError, UnicodeDecodeError):
+        return UNREADABLE
+    return file_hashes([StackFile(path=path.name, content=content, mode=mode)])[path.name]
 
 
 def _scrub_result(result: PassResult, values: list[str]) -> None:

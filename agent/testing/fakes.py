@@ -9,15 +9,16 @@ Each records what was asked of it, for tests to assert on.
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.core import labels as L
 from agent.core.errors import AgentError, EngineError, EngineUnavailable, ImageUnavailable, NotFound
 from agent.core.observed import Observed, ObservedContainer
-from agent.core.ports import Checkout
+from agent.core.ports import Checkout, EngineEvent
 from agent.core.stack import ServiceSpec, StackSpec
 
 #: What a started container becomes: "healthy", "unhealthy", "starting" (never ready) or "exit".
@@ -50,11 +51,42 @@ class FakeContainer:
         )
 
 
+class FakeEventStream:
+    """An event stream fed by ``FakeEngine.emit``; ``break_`` makes the iteration raise."""
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self.closed = False
+        self._queue: queue.Queue[EngineEvent | EngineError | None] = queue.Queue()
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, EngineError):
+                raise item
+            yield item
+
+    def put(self, event: EngineEvent) -> None:
+        if not self.closed:
+            self._queue.put(event)
+
+    def break_(self, error: EngineError) -> None:
+        self.closed = True
+        self._queue.put(error)
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.put(None)
+
+
 class FakeEngine:
     """An in-memory engine. ``behaviour`` decides what a started container becomes;
-    ``fail_next(op)`` makes the next call of that operation raise; ``unavailable`` makes
-    every call raise ``EngineUnavailable``; ``on(op, hook)`` runs a hook inside an operation
-    (to block a pass mid-way, say)."""
+        ``fail_next(op)`` makes the next call of that operation raise; ``unavailable`` makes
+        every call raise ``EngineUnavailable``; ``on(op, hook)`` runs a hook inside an operation
+        (to block a pass mid-way, say). Like the engine, it reports the watched events (kill, die,
+    destroy) of what it does to our containers to every open ``events`` stream."""
 
     def __init__(
         self, images: dict[str, str] | None = None, behaviour: Behaviour | None = None, any_image: bool = False
@@ -73,6 +105,7 @@ class FakeEngine:
         self._hooks: dict[str, Callable[[str], None]] = {}
         self._n = 0
         self._lock = threading.RLock()
+        self.streams: list[FakeEventStream] = []
 
     # ------------------------------------------------------------------ test controls
 
@@ -89,6 +122,25 @@ class FakeEngine:
             cid = f"c{self._n:04d}" + "0" * 8
             self.containers[cid] = FakeContainer(cid, name, image, dict(labels), state=state, created=self._n)
             return cid
+
+    def emit(self, cid: str, *actions: str) -> None:
+        """Report events of one container to the open streams that watch its project (only
+        containers with our owner label, as the adapter's filter)."""
+        with self._lock:
+            c = self.containers.get(cid)
+            if c is None or c.labels.get(L.OWNER) != L.OWNER_VALUE:
+                return
+            for stream in self.streams:
+                if stream.project == c.labels.get(L.PROJECT):
+                    for action in actions:
+                        stream.put(EngineEvent(action, cid, c.name))
+
+    def break_streams(self, error: EngineError | None = None) -> None:
+        """Every open event stream breaks (the engine restarted, say)."""
+        with self._lock:
+            for stream in self.streams:
+                stream.break_(error or EngineUnavailable("event stream: connection reset (fake)"))
+            self.streams = []
 
     def by_name(self) -> dict[str, str]:
         return {c.name: c.state for c in self.containers.values()}
@@ -185,16 +237,20 @@ class FakeEngine:
     def stop(self, cid: str, timeout: int | None = None) -> None:
         self._call("stop", cid)
         c = self._get(cid, "stop")
+        if c.state == "running":
+            self.emit(cid, "kill", "die")
         c.state, c.health = "exited", None
 
     def restart(self, cid: str, timeout: int = 10) -> None:
         self._call("restart", cid)
-        self._get(cid, "restart")
+        if self._get(cid, "restart").state == "running":
+            self.emit(cid, "kill", "die")
         self.start(cid)
 
     def signal(self, cid: str, sig: str) -> None:
         self._call("signal", cid)
         self._get(cid, "signal")
+        self.emit(cid, "kill")
 
     def rename(self, cid: str, name: str) -> None:
         self._call("rename", cid)
@@ -206,6 +262,9 @@ class FakeEngine:
     def remove(self, cid: str, grace_s: int | None = None, graceful: bool = False) -> None:
         self._call("remove", cid)
         with self._lock:
+            c = self.containers.get(cid)
+            if c is not None:
+                self.emit(cid, *(("kill", "die") if c.state == "running" else ()), "destroy")
             self.containers.pop(cid, None)
 
     def state(self, cid: str) -> tuple[str, str | None, int]:
@@ -220,6 +279,13 @@ class FakeEngine:
     def logs_tail(self, cid: str, lines: int = 5) -> str:
         c = self.containers.get(cid)
         return "\n".join(c.logs.splitlines()[-lines:]) if c else ""
+
+    def events(self, project: str) -> FakeEventStream:
+        self._call("events", project)
+        stream = FakeEventStream(project)
+        with self._lock:
+            self.streams.append(stream)
+        return stream
 
     def close(self) -> None:
         self.calls.append(("close", ""))
