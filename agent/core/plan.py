@@ -203,7 +203,7 @@ def _service_actions(view: _View, name: str) -> list[Action]:
     removals, current = _dedupe(name, mine, want)
     if current is None:
         return [*removals, Action(ActionKind.CREATE, name, "no container for this service")]
-    rules = (_renamed, _spec_changed, _moved, _files_changed, _disk_drift, _not_running)
+    rules = (_renamed, _spec_changed, _moved, _mount_gone, _files_changed, _disk_drift, _not_running)
     for rule in rules:
         action = rule(view, name, current, want)
         if action is not None:
@@ -296,23 +296,35 @@ def _files_changed(view: _View, name: str, current: ObservedContainer, want: Des
     return _config_action(view, name, current, files, f"{what} changed")
 
 
-def _disk_drift(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
-    """A file the service mounts differs on disk from what it should be running with (the
-    labels agree, the disk does not): rewritten (``_files_on_disk``), then the role's action.
-    A missing file may mean its directory was replaced under the bind mount, which a reload
-    would not see: then the container is restarted, which mounts the directory afresh."""
+def _mount_gone(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """A file the service mounts is missing or unreadable on disk: its directory may have been
+    replaced under the bind mount, which a reload would not see (whatever else changed). It is
+    rewritten (``_files_on_disk``), then the container restarted, which mounts it afresh."""
     disk = view.observed.stack_dir
     if disk is None or current.state != "running":
         return None  # not observed; or not running: started after the files are rewritten
+    gone = tuple(p for p in sorted(want.files) if disk.files.get(p) in (None, UNREADABLE))
+    if not gone:
+        return None
+    policy = view.on_config_change.get(name, "restart")
+    kind = ActionKind.RECREATE if policy == "recreate" else ActionKind.RESTART
+    reason = (
+        f"{', '.join(gone)} on disk differs from the desired state (deleted or unreadable); "
+        "rewritten, then restarted so the container mounts it afresh"
+    )
+    return Action(kind, name, reason, gone, current.id)
+
+
+def _disk_drift(view: _View, name: str, current: ObservedContainer, want: Desired) -> Action | None:
+    """A file the service mounts was edited on disk (the labels agree, the disk does not):
+    rewritten (``_files_on_disk``), then the role's action."""
+    disk = view.observed.stack_dir
+    if disk is None or current.state != "running":
+        return None
     drifted = tuple(p for p, digest in sorted(want.files.items()) if disk.files.get(p) != digest)
     if not drifted:
         return None
     what = f"{', '.join(drifted)} on disk differs from the desired state"
-    if any(disk.files.get(p) in (None, UNREADABLE) for p in drifted):
-        policy = view.on_config_change.get(name, "restart")
-        kind = ActionKind.RECREATE if policy == "recreate" else ActionKind.RESTART
-        reason = f"{what} (deleted or unreadable); rewritten, then restarted so the container mounts it afresh"
-        return Action(kind, name, reason, drifted, current.id)
     return _config_action(view, name, current, drifted, f"{what} (edited); rewritten")
 
 
