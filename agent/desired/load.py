@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from agent.core.errors import DesiredStateError, Problem
 from agent.core.model import HOST_NAME_RE, ROLE_VARS, Fleet, Host, HostFile, _problems, parse
 from agent.core.yamlsrc import Document, load
+from agent.desired import files
 from agent.desired.roles import Role, load_role
 
 
@@ -87,14 +88,8 @@ def load_desired(root: Path) -> DesiredState:
 
 
 def _read(root: Path, rel: str, problems: list[Problem]) -> Document | None:
-    path = root / rel
-    if not path.is_file():
-        problems.append(Problem(rel, None, "file not found"))
-        return None
     try:
-        return load(path.read_text(encoding="utf-8"), rel)
-    except UnicodeDecodeError:
-        problems.append(Problem(rel, None, "not UTF-8 text"))
+        return load(files.read_text(root, rel, rel), rel)
     except DesiredStateError as exc:
         problems.extend(exc.problems)
     return None
