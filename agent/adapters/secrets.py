@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
-from agent.core.errors import Problem, SecretError
+from agent.core.errors import DesiredStateError, Problem, SecretError
 from agent.core.redact import REDACTED
+from agent.core.yamlsrc import load
 
 __all__ = ["REDACTED", "SecretResolver", "encrypt_secret", "keygen"]
 
@@ -68,9 +67,9 @@ class FileSecrets:
             mode = stat.S_IMODE(self.path.stat().st_mode)
             if mode & 0o077:
                 raise SecretError(f"{self.path}: secrets file is readable by others (mode {mode:04o}); chmod 600 it")
-            try:
-                data = yaml.safe_load(self.path.read_text()) or {}
-            except yaml.YAMLError:
+            try:  # the bounded loader (size, depth, aliases); its messages may quote values: not shown
+                data = load(self.path.read_text(encoding="utf-8"), str(self.path)).data or {}
+            except (DesiredStateError, UnicodeDecodeError):
                 raise SecretError(f"{self.path}: not valid YAML (name: value per line)") from None
             if not isinstance(data, dict):
                 raise SecretError(f"{self.path}: must be a mapping of name: value")

@@ -18,6 +18,7 @@ from agent.core.fleet import DesiredState
 from agent.core.model import HOST_NAME_RE, ROLE_VARS, Fleet, Host, HostFile, parse, problems_from
 from agent.core.roles import Role
 from agent.core.yamlsrc import Document, load
+from agent.desired import files
 from agent.desired.roles import load_role
 
 
@@ -66,14 +67,8 @@ def load_desired(root: Path) -> DesiredState:
 
 
 def _read(root: Path, rel: str, problems: list[Problem]) -> Document | None:
-    path = root / rel
-    if not path.is_file():
-        problems.append(Problem(rel, None, "file not found"))
-        return None
     try:
-        return load(path.read_text(encoding="utf-8"), rel)
-    except UnicodeDecodeError:
-        problems.append(Problem(rel, None, "not UTF-8 text"))
+        return load(files.read_text(root, rel, rel), rel)
     except DesiredStateError as exc:
         problems.extend(exc.problems)
     return None

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.sandbox
 
 from agent.core.errors import DesiredStateError, Problem
 from agent.core.fleet import DesiredState
@@ -32,6 +31,7 @@ from agent.core.roles import Role
 from agent.core.routing import Decision, Health, backends, decide, litellm_config
 from agent.core.stack import StackFile, parse_compose
 from agent.core.yamlsrc import dump, load
+from agent.desired import sandbox
 
 
 class SecretMisuse(Exception):
@@ -143,8 +143,8 @@ def _context(desired: DesiredState, host: Host, project: str, prefix: str) -> di
 
 
 def _environment(role: Role) -> jinja2.Environment:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        loader=jinja2.FileSystemLoader(str(role.templates)),
+    env = sandbox.BoundedSandbox(
+        loader=sandbox.RoleLoader(role),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -181,7 +181,11 @@ def _render(env: jinja2.Environment, role: Role, name: str, context: dict[str, A
     shown = f"{role.shown}/templates/{name}"
     path = str(role.templates / name)
     try:
-        return env.get_template(name).render(context)
+        return sandbox.render(env.get_template(name), context, sandbox.Budget(role.templates, sandbox.RENDER_SECONDS))
+    except DesiredStateError:
+        raise  # the loader refused a file (a link out of the role, not UTF-8 ...): already located
+    except sandbox.LimitExceeded as exc:
+        raise _template_error(shown, path, _template_line(exc, path), str(exc)) from None
     except jinja2.TemplateSyntaxError as exc:
         raise _template_error(shown, path, exc.lineno, f"template syntax error: {exc.message}") from None
     except jinja2.TemplateError as exc:

@@ -17,6 +17,7 @@ from agent.core.errors import DesiredStateError
 from agent.core.model import parse
 from agent.core.roles import Role, RoleSpec
 from agent.core.yamlsrc import load
+from agent.desired import files
 
 
 def _builtin_roles() -> Path:
@@ -39,18 +40,25 @@ def search_path(repo: Path) -> list[Path]:
 
 
 def load_role(name: str, repo: Path) -> Role:
+    # The first folder named for the role is the role: a fleet's broken copy is an error,
+    # never a silent fall back to the shipped one.
     for base in search_path(repo):
         root = base / name
-        if (root / "role.yaml").is_file():
+        if os.path.lexists(root):
             break
     else:
         raise DesiredStateError.single(f"roles/{name}", None, f"role '{name}' not found")
     # The repo's own roles and the shipped ones are both "roles/<name>" to the operator.
     shown = f"roles/{name}" if base in (repo / "roles", BUILTIN_ROLES) else str(root)
-    spec_doc = load((root / "role.yaml").read_text(), f"{shown}/role.yaml")
+    # Role files are read through files.read_text: a fleet's role stays inside the repo.
+    fence, rel = (repo, f"roles/{name}") if base == repo / "roles" else (base, name)
+    if not files.inside(fence, root):
+        raise DesiredStateError.single(shown, None, "is a link that leads outside the desired-state tree (refused)")
+    spec_doc = load(files.read_text(fence, f"{rel}/role.yaml", f"{shown}/role.yaml"), f"{shown}/role.yaml")
     spec: RoleSpec = parse(RoleSpec, spec_doc)
-    defaults_path = root / "defaults.yaml"
-    defaults_doc = load(defaults_path.read_text() if defaults_path.is_file() else "{}", f"{shown}/defaults.yaml")
+    has_defaults = files.exists(fence, f"{rel}/defaults.yaml")
+    defaults_text = files.read_text(fence, f"{rel}/defaults.yaml", f"{shown}/defaults.yaml") if has_defaults else "{}"
+    defaults_doc = load(defaults_text, f"{shown}/defaults.yaml")
     if defaults_doc.data is not None and not isinstance(defaults_doc.data, dict):
         raise DesiredStateError.single(defaults_doc.name, 1, "defaults must be a mapping")
     for f in (spec.compose, *(rf.template for rf in spec.files)):
