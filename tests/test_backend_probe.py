@@ -44,7 +44,7 @@ def test_a_hung_erroring_or_stalled_backend_is_not_ready_within_the_timeout(
     url, mode_file = backend
     mode_file.write_text(mode)
     start = time.monotonic()
-    health = probe_backend(url, SERVED, timeout_s=0.5)
+    health = probe_backend(url, SERVED, timeout_s=0.25)
     took = time.monotonic() - start
     assert not health.ready and failed in health.reason, health
     assert took < 2.5, f"a probe round must stay within its bound ({took:.1f}s)"
@@ -58,7 +58,7 @@ def test_a_backend_serving_another_model_is_not_ready(backend: tuple[str, Path])
 
 
 def test_an_unreachable_backend_is_a_failed_check_not_an_exception() -> None:
-    health = probe_backend("http://127.0.0.1:9/v1", SERVED, timeout_s=0.5)
+    health = probe_backend("http://127.0.0.1:9/v1", SERVED, timeout_s=0.25)
     assert not health.ready and "health" in health.reason
 
 

@@ -58,7 +58,7 @@ def runs(fleet: Fleet) -> int:
     return len(fleet.daemon.store.load().runs)
 
 
-def quiet(fleet: Fleet, for_s: float = 0.5) -> int:
+def quiet(fleet: Fleet, for_s: float = 0.25) -> int:
     """The number of passes once no more come for ``for_s``."""
     before = -1
     while runs(fleet) != before:

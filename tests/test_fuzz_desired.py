@@ -122,6 +122,7 @@ def check(pristine: Path, capsys: pytest.CaptureFixture[str], target: str, conte
         assert "valid:" in out
 
 
+@pytest.mark.slow  # fuzzing: runs in CI (scripts/test), not in the fast suite
 @settings(
     max_examples=150,
     deadline=2000,
@@ -135,6 +136,7 @@ def test_validate_never_escapes(
     check(pristine, capsys, target, content)
 
 
+@pytest.mark.slow  # stress: resource bounds under hostile input; runs in CI
 @pytest.mark.parametrize(
     ("target", "content", "expected"),
     [

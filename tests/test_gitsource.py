@@ -14,6 +14,8 @@ import pytest
 from agent.adapters.gitsource import GitSource, Snapshot, SourceError, UnsignedCommit
 from agent.core.errors import AgentError
 
+pytestmark = pytest.mark.slow  # runs git: real external processes
+
 
 def git(cwd: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True)

@@ -63,6 +63,7 @@ def canary(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------ YAML bounds
 
 
+@pytest.mark.slow  # stress: resource bounds under hostile input; runs in CI
 def test_alias_bomb_is_refused_quickly(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (repo / "hosts" / "armitage.yaml").write_text(
         "role: gpu_node\n" + "x:\n" + "".join(f"  {line}\n" for line in ALIAS_BOMB.splitlines())
@@ -74,6 +75,7 @@ def test_alias_bomb_is_refused_quickly(repo: Path, capsys: pytest.CaptureFixture
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.slow  # stress: resource bounds under hostile input; runs in CI
 def test_merge_key_bomb_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     text = "a1: &a1 {k: 1}\n" + "".join(f"a{i + 1}: &a{i + 1} {{<<: [*a{i}, *a{i}]}}\n" for i in range(1, 40))
     with time_limit(5), pytest.raises(DesiredStateError, match="aliases are expanded"):
@@ -88,6 +90,7 @@ def test_deep_nesting_is_a_located_error(repo: Path, capsys: pytest.CaptureFixtu
     assert "Traceback" not in out
 
 
+@pytest.mark.slow  # stress: resource bounds under hostile input; runs in CI
 def test_very_deep_nesting_does_not_crash_the_process(repo: Path) -> None:
     """libyaml's composer recurses in C: 30 000 levels (60 kB) was a segmentation fault."""
     (repo / "fleet.yaml").write_text("x: " + "[" * 200_000 + "]" * 200_000 + "\n")
@@ -275,6 +278,7 @@ def test_include_of_a_link_inside_the_role_works(roles_copy: Path, capsys: pytes
     assert code == 0, out
 
 
+@pytest.mark.slow  # stress: resource bounds under hostile input; runs in CI
 def test_endless_template_loop_stops_with_a_located_error(
     roles_copy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

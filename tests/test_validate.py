@@ -33,6 +33,7 @@ def test_shipped_example_is_valid(repo: Path, capsys: pytest.CaptureFixture[str]
     assert re.search(r"hosts/armitage.yaml:\d+: warning: max_model_len 8192", out)
 
 
+@pytest.mark.slow  # an external process (the CLI, git)
 def test_cli_is_a_real_executable(repo: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "validate", "--repo", str(repo)],
@@ -206,6 +207,7 @@ def test_missing_repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 1 and "desired-state directory not found" in out
 
 
+@pytest.mark.slow  # an external process (the CLI, git)
 def test_validate_a_git_url(
     repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

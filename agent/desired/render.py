@@ -14,12 +14,14 @@ a filter such as ``| upper``) using it is a template error. In a secret file it 
 from __future__ import annotations
 
 import json
+import threading
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.bccache
 
 from agent.core.errors import DesiredStateError, Problem
 from agent.core.fleet import DesiredState
@@ -142,9 +144,37 @@ def _context(desired: DesiredState, host: Host, project: str, prefix: str) -> di
     }
 
 
+class _CompiledTemplates(jinja2.BytecodeCache):
+    """Compiled templates shared by every render of this process, keyed by template name and
+    file and checked against the source's checksum (jinja's own bucket logic): a role's
+    templates are compiled once, not on every pass, and an edited template is compiled again."""
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._store: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        with self._lock:
+            data = self._store.get(bucket.key)
+        if data is not None:
+            bucket.bytecode_from_string(data)
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        with self._lock:
+            if len(self._store) >= self.MAX:
+                self._store.clear()
+            self._store[bucket.key] = bucket.bytecode_to_string()
+
+
+_COMPILED = _CompiledTemplates()
+
+
 def _environment(role: Role) -> jinja2.Environment:
     env = sandbox.BoundedSandbox(
         loader=sandbox.RoleLoader(role),
+        bytecode_cache=_COMPILED,
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
