@@ -51,3 +51,12 @@ def _no_host_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("AGENT_CONFIG", raising=False)
     for var in ("AGENT_HOST", "AGENT_REPO", "AGENT_PROJECT_PREFIX"):
         monkeypatch.delenv(var, raising=False)
+
+
+def one_line_error(err: str) -> str:
+    """The single ``error: ...`` line a command printed (never a traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("error: "), err
+    return lines[0]

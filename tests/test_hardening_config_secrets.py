@@ -11,16 +11,9 @@ from agent.adapters.secrets import AgeSecrets, keygen, load_identity
 from agent.cli.commands import main
 from agent.core.errors import ConfigError, SecretError
 from agent.node.settings import load_settings
+from tests.conftest import one_line_error
 
 MALFORMED_IDENTITY = "# a host identity, damaged\nAGE-SECRET-KEY-1NOTAREALKEY\n"
-
-
-def _one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_non_utf8_config_names_the_file(tmp_path: Path) -> None:
@@ -34,7 +27,7 @@ def test_non_utf8_config_on_the_command_line(tmp_path: Path, capsys: pytest.Capt
     cfg = tmp_path / "agent.toml"
     cfg.write_bytes(b"\xff\xfe\x00")
     assert main(["status", "--config", str(cfg)]) == 1
-    assert str(cfg) in _one_line_error(capsys.readouterr().err)
+    assert str(cfg) in one_line_error(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "error"])
@@ -114,14 +107,14 @@ def test_keygen_where_the_parent_is_a_file(tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SecretError, match="cannot write"):
         keygen(target)
     assert main(["keygen", "--out", str(target)]) == 1
-    assert str(target) in _one_line_error(capsys.readouterr().err)
+    assert str(target) in one_line_error(capsys.readouterr().err)
 
 
 def test_keygen_where_the_directory_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["keygen", "--out", str(blocker / "identity.txt")]) == 1
-    _one_line_error(capsys.readouterr().err)
+    one_line_error(capsys.readouterr().err)
 
 
 def test_non_utf8_recipients_file(
@@ -131,5 +124,5 @@ def test_non_utf8_recipients_file(
     recipients.write_bytes(b"age1\xff\xfe\n")
     monkeypatch.setattr("sys.stdin", io.StringIO("a-token-value\n"))
     assert main(["secret", "encrypt", "token", "--repo", str(repo), "--recipients", str(recipients)]) == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert str(recipients) in line and "UTF-8" in line

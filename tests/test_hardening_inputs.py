@@ -9,14 +9,7 @@ import pytest
 from agent.cli.commands import main
 from agent.core.errors import ConfigError
 from agent.node.settings import load_settings
-
-
-def _one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("error: "), err
-    return lines[0]
+from tests.conftest import one_line_error
 
 
 @pytest.mark.parametrize("value", ["-5", "0", "0.01", "nan", "inf", "soon"])
@@ -25,7 +18,7 @@ def test_health_timeout_flag_is_validated(value: str, tmp_path: Path, capsys: py
         ["apply", "--repo", str(tmp_path / "absent"), "--state-dir", str(tmp_path / "s"), "--health-timeout", value]
     )
     assert code == 1
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert "--health-timeout" in line and value in line
     assert not (tmp_path / "s").exists()  # refused before anything is touched
 
@@ -51,5 +44,5 @@ def test_good_project_prefixes_pass(prefix: str) -> None:
 def test_prefix_flag_names_the_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["apply", "--repo", str(tmp_path), "--state-dir", str(tmp_path / "s"), "--prefix", "../../"])
     assert code == 1
-    assert "../../" in _one_line_error(capsys.readouterr().err)
+    assert "../../" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "s").exists()

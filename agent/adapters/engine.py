@@ -1,14 +1,18 @@
 """The Docker adapter: the only module that imports ``docker``.
 
-It observes (into ``agent.observed`` types) and performs single, named operations for the
-executor. Every exception of the docker SDK and of ``requests`` underneath it is mapped at
+It implements the ``Engine`` port (``agent.core.ports``): it observes (into
+``agent.core.observed`` types), performs single, named operations for the executor, and
+streams the engine's events for the daemon. Every exception of the docker SDK and of ``requests`` underneath it is mapped at
 this boundary onto our own tree (a test pins that none escapes):
 
     AgentError
     └── EngineError             any engine failure, with the operation that failed
         ├── EngineUnavailable   the daemon cannot be reached
         ├── ImageUnavailable    an image is neither present nor pullable
-        └── NotFound            the container/network it named is gone
+        ├── NotFound            the container/network it named is gone
+        └── NetworkInUse        a network still has endpoints (left for a later pass)
+
+(the classes live in ``agent.core.errors``, so fakes raise the same ones).
 
 Observation costs a container list, a network list and one image inspect per distinct image,
 whatever the number of services: three calls for a single-image stack (engine API 1.41, see

@@ -2,7 +2,7 @@
 
 Templates run in Jinja2's immutable sandbox with ``StrictUndefined``: a missing variable is
 an error carrying the template path, line and the lines around it, never an empty string.
-The rendered compose text is parsed into our typed ``StackSpec`` (``agent.stack``).
+The rendered compose text is parsed into our typed ``StackSpec`` (``agent.core.stack``).
 
 Secrets: a ``{secret: NAME}`` variable can be used only in the files the role marks
 ``secret`` (the 0600 env file); anywhere else (the compose file, the proxy config, even through

@@ -2,7 +2,8 @@
 
 ``role.yaml`` declares the compose template, the extra files the stack mounts (config, env)
 and, per service, what to do when a mounted file changes (``signal:SIGHUP``, ``restart`` or
-``recreate``). The variables' types live in ``agent.model``; their defaults live here, as data.
+``recreate``). The variables' types live in ``agent.core.model``; their defaults live here, as data;
+what a role declares is typed in ``agent.core.roles``.
 
 Roles are looked up in the desired-state repository's own ``roles/`` first (a fleet can carry
 its own), then in the roles shipped with the agent.
