@@ -2,8 +2,8 @@
 
 It implements the ``Engine`` port (``agent.core.ports``): it observes (into
 ``agent.core.observed`` types), performs single, named operations for the executor, and
-streams the engine's events for the daemon. Every exception of the docker SDK and of ``requests`` underneath it is mapped at
-this boundary onto our own tree (a test pins that none escapes):
+streams the engine's events for the daemon. Every exception of the docker SDK and of
+``requests`` underneath it is mapped at this boundary onto our own tree (a test pins that none escapes):
 
     AgentError
     └── EngineError             any engine failure, with the operation that failed

@@ -81,3 +81,9 @@ class NotFound(EngineError):
 
 class NetworkInUse(EngineError):
     """A network still has endpoints (another container uses it): left for a later pass."""
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: message`` on one line: how an unexpected error is shown, CLI and journal alike."""
+    message = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -8,31 +8,18 @@ dir: only its owner (root) can drive the agent.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import socketserver
-import sys
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
-
+from agent.adapters.httpserver import BACKLOG, MAX_BODY, BadRequest, JsonHandler, UnixServer
 from agent.core.errors import AgentError
-from agent.daemon.logs import error_line
 
 if TYPE_CHECKING:
     import httpx
 
-MAX_BODY = 64 * 1024
-#: Connections waiting to be accepted: ``agent status`` from many shells (or a monitoring
-#: burst) must not be refused as "not running" (socketserver's default is 5).
-BACKLOG = 128
-
-log = structlog.get_logger("agent.control")
+__all__ = ["BACKLOG", "MAX_BODY", "BadRequest", "ControlClient", "ControlServer", "Controlled", "NotRunning"]
 
 
 class Controlled(Protocol):
@@ -43,89 +30,22 @@ class Controlled(Protocol):
     def resume(self) -> dict[str, Any]: ...
 
 
-class BadRequest(Exception):
-    """A request we answer with an error (400 unless told) and then close the connection."""
-
-    def __init__(self, message: str, code: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    request_queue_size = BACKLOG
+class _Server(UnixServer):
+    log_name = "agent.control"
     target: Controlled
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """One log line instead of socketserver's traceback on stderr (which is the journal)."""
-        exc = sys.exc_info()[1]
-        level = log.debug if isinstance(exc, ConnectionError | TimeoutError) else log.warning
-        with contextlib.suppress(Exception):  # the last resort must not raise (a closed log stream)
-            level("control connection failed", error=error_line(exc) if exc else "unknown")
 
+class _Handler(JsonHandler):
+    """The routes; the hardening (JSON errors, bounded bodies, timeouts) is ``JsonHandler``'s."""
 
-class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-    #: Seconds a connection may sit idle or send its body slowly (a stuck client holds a thread).
-    timeout = 10.0
-
-    def log_message(self, format: str, *args: Any) -> None:  # the daemon logs what matters
-        pass
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            return False
-        if self.request_version == "HTTP/0.9":
-            self.send_error(400, "HTTP/0.9 is not spoken here")
-            return False
-        return True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors as JSON like every other answer (the stdlib sends an HTML page)."""
-        self.close_connection = True
-        self.request_version = self.protocol_version  # a status line even for a garbled request
-        short = self.responses.get(code, ("error",))[0]
-        body = json.dumps({"error": message or short}).encode()
-        self.send_response(code)
-        self.send_header("Connection", "close")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-            self.wfile.write(body)
-
-    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, code: int, data: Any) -> None:
-        self._send(code, json.dumps(data).encode())
-
-    def _answer(self, route: Callable[[Controlled], tuple[int, Any]]) -> None:
-        """Run ``route`` against the target: a bad request is a 400, a failure a 500 (one line)."""
-        try:
-            code, data = route(self.server.target)
-        except BadRequest as exc:
-            self.send_error(exc.code, str(exc))
-            return
-        except Exception as exc:
-            error = error_line(exc)
-            log.warning("control request failed", path=self.path, error=error)
-            self.send_error(500, error)
-            return
-        if isinstance(data, str):
-            self._send(code, data.encode(), "text/plain; version=0.0.4")
-        else:
-            self._json(code, data)
+    log_name = "agent.control"
 
     def do_GET(self) -> None:
-        self._answer(self._get)
+        self.answer(self._get)
 
-    def _get(self, target: Controlled) -> tuple[int, Any]:
+    def _get(self) -> tuple[int, Any]:
+        target = self.server.target
         if self.path == "/status":
             return 200, target.status()
         if self.path == "/metrics":
@@ -133,10 +53,11 @@ class _Handler(BaseHTTPRequestHandler):
         return 404, {"error": f"no route {self.path}"}
 
     def do_POST(self) -> None:
-        self._answer(self._post)
+        self.answer(self._post)
 
-    def _post(self, target: Controlled) -> tuple[int, Any]:
-        body = self._json_body()
+    def _post(self) -> tuple[int, Any]:
+        target = self.server.target
+        body = self.json_body()
         if self.path == "/trigger":
             return 200, target.trigger()
         if self.path == "/pause":
@@ -147,30 +68,6 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/resume":
             return 200, target.resume()
         return 404, {"error": f"no route {self.path}"}
-
-    def _json_body(self) -> dict[str, Any]:
-        """The request's body: a JSON object (none at all reads as ``{}``)."""
-        if "Transfer-Encoding" in self.headers:
-            raise BadRequest("Transfer-Encoding is not supported; send a Content-Length")
-        raw_length = (self.headers.get("Content-Length") or "0").strip()
-        if not (raw_length.isascii() and raw_length.isdigit()):  # no sign, no '1e3', no '²'
-            raise BadRequest(f"Content-Length must be a non-negative integer, not {raw_length[:40]!r}")
-        length = int(raw_length)
-        if length > MAX_BODY:
-            raise BadRequest(f"body too large ({length} bytes; at most {MAX_BODY})", 413)
-        try:
-            raw = self.rfile.read(length)
-        except TimeoutError:
-            raw = b""
-        if len(raw) < length:
-            raise BadRequest(f"body shorter than its Content-Length ({len(raw)} of {length} bytes)")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            raise BadRequest("body is not JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest(f"body must be a JSON object, not {type(body).__name__}")
-        return body
 
 
 class ControlServer:

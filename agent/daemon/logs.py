@@ -19,15 +19,10 @@ from typing import Any, TextIO
 
 import structlog
 
+from agent.core.errors import error_line
 from agent.core.redact import Redactor
 
 __all__ = ["Redactor", "configure", "error_line"]
-
-
-def error_line(exc: BaseException) -> str:
-    """``Type: message`` on one line: how an unexpected error is shown, CLI and journal alike."""
-    message = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class ExceptionLine:
