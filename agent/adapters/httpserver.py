@@ -71,7 +71,7 @@ class TcpServer(_Quiet, socketserver.ThreadingMixIn, socketserver.TCPServer):
 class JsonHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     #: Seconds a connection may sit idle or send its body slowly (a stuck client holds a thread).
-    timeout: float | None = 10.0
+    timeout = 10.0
     max_body = MAX_BODY
     log_name = "agent.http"
 
