@@ -1,0 +1,254 @@
+"""The motoko agent's fleet API: every host's agent reports here; the fleet view is read here.
+
+Served over TCP by the agent's one HTTP stack (``agent.adapters.httpserver``, shared with the
+control socket). Routes:
+
+- ``POST /v1/reports``: a ``NodeReport`` (``agent.core.report``), with the reporting host's own
+  token: ``Authorization: Bearer <token>``. 200 when accepted; refused without changing
+  anything: 401 no or unknown token, 413 body over 64 KiB (from its Content-Length alone),
+  400 not JSON / not an object / not a valid report (one line naming the field), 403 a report
+  for another host, 422 ``sent_at`` outside the window, 409 a replay;
+- ``GET /v1/fleet``: per host its last report's age, role, commit, stage, health, GPU and load;
+  hosts with a token that never reported are listed with ``reported: false``;
+- ``GET /metrics``: Prometheus text: reports accepted per host, refused by reason, report age.
+
+``FleetApi(db_path, tokens)`` then ``start()`` / ``close()``, like ``ControlServer``;
+``set_tokens`` swaps the tokens (a rotation pushed through the desired state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import ValidationError
+
+from agent.adapters.httpserver import BadRequest, JsonHandler, TcpServer
+from agent.core.errors import ConfigError
+from agent.core.report import DEFAULT_WINDOW_S, NodeReport, Rejected, Rejection
+from agent.fleet.store import FleetStore, HostRecord
+
+log = structlog.get_logger("agent.fleet")
+
+#: Refusals before a report is judged, next to ``Rejection``'s (each a ``reason`` label).
+UNAUTHENTICATED = "unauthenticated"
+TOO_LARGE = "too_large"
+INVALID = "invalid"
+REASONS = (UNAUTHENTICATED, TOO_LARGE, INVALID, *(r.value for r in Rejection))
+STATUS_OF = {
+    Rejection.WRONG_HOST: 403,
+    Rejection.STALE: 422,
+    Rejection.FUTURE: 422,
+    Rejection.REPLAY: 409,
+}
+
+
+class Refused(BadRequest):
+    """A report refused: its HTTP code and the ``reason`` label it is counted under."""
+
+    def __init__(self, message: str, code: int, reason: str) -> None:
+        super().__init__(message, code)
+        self.reason = reason
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class FleetApi:
+    def __init__(
+        self,
+        db_path: Path,
+        tokens: Mapping[str, str],
+        address: tuple[str, int] = ("127.0.0.1", 0),
+        window_s: float = DEFAULT_WINDOW_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = FleetStore(db_path)
+        self.window_s = window_s
+        self.clock = clock
+        self._by_digest: dict[bytes, str] = {}
+        self._tokens: dict[str, str] = {}
+        self.set_tokens(tokens)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rejected = Counter(
+            "llm_fleet_reports_rejected", "Reports refused, by reason.", ["reason"], registry=self.registry
+        )
+        for reason in REASONS:
+            self.rejected.labels(reason=reason)  # every series exists from the start, at 0
+        self.registry.register(_StoreCollector(self))
+        self.server = TcpServer(address, _Handler)
+        self.server.log_name = "agent.fleet"
+        self.server.api = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fleet-api", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+        self.store.close()
+
+    def set_tokens(self, tokens: Mapping[str, str]) -> None:
+        """Host -> its report token; replaces the previous set at once."""
+        by_digest: dict[bytes, str] = {}
+        for host, token in tokens.items():
+            if not token:
+                raise ConfigError(f"host {host!r}: empty report token")
+            other = by_digest.setdefault(_digest(token), host)
+            if other != host:
+                raise ConfigError(f"hosts {other!r} and {host!r} share a report token; each needs its own")
+        self._tokens, self._by_digest = dict(tokens), by_digest
+
+    # ------------------------------------------------------------------ the routes' logic
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The host whose token the ``Authorization`` header carries."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Refused("a bearer token is required (Authorization: Bearer <token>)", 401, UNAUTHENTICATED)
+        host = self._by_digest.get(_digest(token))
+        # The digest finds the candidate; the comparison itself is constant-time.
+        if host is None or not hmac.compare_digest(token.encode(), self._tokens[host].encode()):
+            raise Refused("unknown token", 401, UNAUTHENTICATED)
+        return host
+
+    def submit(self, host: str, raw: bytes) -> dict[str, Any]:
+        """Parse, judge and store one report of the authenticated ``host``."""
+        report = parse_report(raw)
+        verdict = self.store.submit(report, host, self.clock(), self.window_s)
+        if isinstance(verdict, Rejected):
+            raise Refused(verdict.detail, STATUS_OF[verdict.reason], verdict.reason.value)
+        return {"accepted": True, "host": host, "boot_id": report.boot_id, "seq": report.seq}
+
+    def refused(self, exc: BadRequest, peer: str) -> None:
+        reason = exc.reason if isinstance(exc, Refused) else TOO_LARGE if exc.code == 413 else INVALID
+        self.rejected.labels(reason=reason).inc()
+        level = log.warning if reason == Rejection.WRONG_HOST else log.debug
+        level("report refused", reason=reason, peer=peer, error=str(exc))
+
+    def fleet(self) -> dict[str, Any]:
+        now = self.clock()
+        records = {r.report.host: r for r in self.store.hosts()}
+        names = sorted(set(records) | set(self._tokens))
+        hosts = [host_view(records[h], now) if h in records else {"host": h, "reported": False} for h in names]
+        return {"now": now, "hosts": hosts}
+
+    def metrics(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+def parse_report(raw: bytes) -> NodeReport:
+    try:
+        return NodeReport.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        raise Refused(_one_line(exc), 400, INVALID) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return "body is not JSON"
+    if first["type"] == "model_type" and not first["loc"]:
+        return "body must be a JSON object"
+    where = ".".join(str(part) for part in first["loc"]) or "report"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"invalid report: {where}: {first['msg']}{more}"
+
+
+def host_view(record: HostRecord, now: float) -> dict[str, Any]:
+    r = record.report
+    health = r.health
+    return {
+        "host": r.host,
+        "reported": True,
+        "role": r.role,
+        "commit": r.commit,
+        "stage": r.stage.value,
+        "age_s": round(max(0.0, now - record.received_at), 3),
+        "received_at": record.received_at,
+        "ready": health.ready if health else None,
+        "health": health.reason if health else None,
+        "load": health.load.model_dump() if health else None,
+        "gpu": r.gpu.summary() if r.gpu else None,
+        "gpu_status": r.gpu.status if r.gpu else None,
+        "services": r.services,
+        "agent_version": r.agent_version,
+        "boot_id": r.boot_id,
+        "seq": r.seq,
+        "reports": record.accepted,
+        "boots": record.boots,
+    }
+
+
+class _StoreCollector(Collector):
+    """Series read from the store at each scrape, so they survive a restart."""
+
+    def __init__(self, api: FleetApi) -> None:
+        self.api = api
+
+    def collect(self) -> Iterator[Metric]:
+        accepted = CounterMetricFamily("llm_fleet_reports_accepted", "Reports accepted, by host.", labels=["host"])
+        for host, count in self.api.store.accepted_counts().items():
+            accepted.add_metric([host], count)
+        age = GaugeMetricFamily("llm_fleet_report_age_seconds", "Seconds since a host's last report.", labels=["host"])
+        for host, seconds in self.api.store.ages(self.api.clock()).items():
+            age.add_metric([host], seconds)
+        yield accepted
+        yield age
+
+
+class _Handler(JsonHandler):
+    log_name = "agent.fleet"
+
+    @property
+    def api(self) -> FleetApi:
+        api: FleetApi = self.server.api  # type: ignore[attr-defined]
+        return api
+
+    def do_GET(self) -> None:
+        self.answer(self._get)
+
+    def _get(self) -> tuple[int, Any]:
+        if self.path == "/v1/fleet":
+            return 200, self.api.fleet()
+        if self.path == "/metrics":
+            return 200, self.api.metrics()
+        return 404, {"error": f"no route {self.path}"}
+
+    def do_POST(self) -> None:
+        self.answer(self._post)
+
+    def _post(self) -> tuple[int, Any]:
+        if self.path != "/v1/reports":
+            return 404, {"error": f"no route {self.path}"}
+        try:
+            raw = self.read_body()  # first (bounded): a refused client still gets its answer, not a reset
+            host = self.api.authenticate(self.headers.get("Authorization"))
+            return 200, self.api.submit(host, raw)
+        except BadRequest as exc:
+            self.api.refused(exc, peer=str(self.client_address[0]))
+            raise
