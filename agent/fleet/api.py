@@ -73,12 +73,12 @@ class FleetApi:
         window_s: float = DEFAULT_WINDOW_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = FleetStore(db_path)
         self.window_s = window_s
         self.clock = clock
         self._by_digest: dict[bytes, str] = {}
         self._tokens: dict[str, str] = {}
         self.set_tokens(tokens)
+        self.store = FleetStore(db_path)
         self.registry = CollectorRegistry(auto_describe=True)
         self.rejected = Counter(
             "llm_fleet_reports_rejected", "Reports refused, by reason.", ["reason"], registry=self.registry
@@ -86,7 +86,11 @@ class FleetApi:
         for reason in REASONS:
             self.rejected.labels(reason=reason)  # every series exists from the start, at 0
         self.registry.register(_StoreCollector(self))
-        self.server = TcpServer(address, _Handler)
+        try:
+            self.server = TcpServer(address, _Handler)
+        except OSError:
+            self.store.close()
+            raise
         self.server.log_name = "agent.fleet"
         self.server.api = self  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.server.serve_forever, name="fleet-api", daemon=True)
@@ -223,6 +227,8 @@ class _StoreCollector(Collector):
 
 class _Handler(JsonHandler):
     log_name = "agent.fleet"
+    #: Headers and body go out as two writes: with Nagle, each answer waits for a delayed ACK (40 ms).
+    disable_nagle_algorithm = True
 
     @property
     def api(self) -> FleetApi:
