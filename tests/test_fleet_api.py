@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,6 +196,16 @@ def test_a_restarted_api_has_the_state_back_and_still_refuses_a_replay(tmp_path:
         assert metric(api, 'llm_fleet_reports_accepted_total{host="gpu-1"}') == 2
         assert post(api, report_data(boot_id=BOOT_B, seq=0, sent_at=NOW + 1)).status_code == 200
         assert host(api, "gpu-1")["boots"] == 2
+
+
+def test_a_stored_report_this_agent_cannot_read_is_left_out_of_the_view(tmp_path: Path) -> None:
+    db = tmp_path / "fleet.sqlite"
+    with fleet_api(db) as api:
+        assert post(api, report_data()).status_code == 200
+        with sqlite3.connect(db) as conn:  # as if stored by an agent with another schema
+            conn.execute("UPDATE reports SET report = '{\"old\": 1}' WHERE host = 'gpu-1'")
+        conn.close()
+        assert host(api, "gpu-1") == {"host": "gpu-1", "reported": False}
 
 
 def test_report_age_per_host_is_a_metric(tmp_path: Path) -> None:

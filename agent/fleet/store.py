@@ -14,8 +14,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.core.errors import AgentError
+import structlog
+from pydantic import ValidationError
+
+from agent.core.errors import AgentError, error_line
 from agent.core.report import Accepted, LastSeen, NodeReport, Verdict, accept
+
+log = structlog.get_logger("agent.fleet")
 
 FILENAME = "fleet.sqlite"
 SCHEMA_VERSION = 1
@@ -109,9 +114,15 @@ class FleetStore:
         """Every host that ever reported, by name."""
         with self._lock:
             rows = self._db.execute("SELECT report, received_at, accepted, boots FROM reports ORDER BY host").fetchall()
-        return [
-            HostRecord(NodeReport.model_validate_json(r[0]), received_at=r[1], accepted=r[2], boots=r[3]) for r in rows
-        ]
+        records = []
+        for report, received_at, accepted, boots in rows:
+            try:
+                parsed = NodeReport.model_validate_json(report)
+            except ValidationError as exc:  # stored by an agent whose schema differs: skipped, not a 500
+                log.warning("stored report unreadable", error=error_line(exc))
+                continue
+            records.append(HostRecord(parsed, received_at=received_at, accepted=accepted, boots=boots))
+        return records
 
     def ages(self, now: float) -> dict[str, float]:
         """Seconds since each host's last accepted report (cheap: no report is parsed)."""
