@@ -13,7 +13,8 @@ import pytest
 from agent.adapters import nvml
 from agent.core.gpu import GpuReading, assess
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nvml" / "nvml-h200.json"
+# Recorded on a real H200 (copied from the team's shared/fixtures/nvml/, with its README).
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "nvml" / "nvml-h200.json"
 
 
 class RecordedNvml:
