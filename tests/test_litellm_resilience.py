@@ -69,7 +69,13 @@ def flushed(redis_port: int) -> int:
 def quiet_probes(repo: Path) -> Path:
     """Background probes once at start, then not for an hour: a test counting what reaches a
     backend sees only its own requests."""
-    edit(repo / "fleet.yaml", "  failure_threshold: 3", "  failure_threshold: 3\n  health_interval_s: 3600")
+    # A generous probe timeout: on this loaded 2-core machine a 2 s probe timed out before it
+    # was even sent and took both healthy local backends out of routing.
+    edit(
+        repo / "fleet.yaml",
+        "  failure_threshold: 3",
+        "  failure_threshold: 3\n  health_interval_s: 3600\n  probe_timeout_s: 60",
+    )
     return repo
 
 

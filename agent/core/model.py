@@ -233,8 +233,10 @@ class RoutingPolicy(Strict):
     answer_reserve_tokens: Tokens = 1024
     #: Seconds a local deployment stays out of routing after failing (LiteLLM cooldown).
     cooldown_s: float = Field(30.0, ge=1, le=3600)
-    #: Timeout of the gateway's own background probe of each local deployment, seconds.
-    probe_timeout_s: Seconds = 2.0
+    #: Timeout of the gateway's own background probe of each local deployment, seconds. Not
+    #: tighter: a probe that times out on a starved gateway (measured: 2 s at load 37 on two
+    #: cores, before the request was even sent) takes a healthy backend out of routing.
+    probe_timeout_s: Seconds = 5.0
     #: A prompt too long for every local backend once the OpenAI budget is spent: false (the
     #: default) refuses it with a 4xx; true sends it to ``long_context_alias`` over the budget.
     long_context_over_budget: bool = False
