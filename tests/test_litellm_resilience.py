@@ -136,3 +136,21 @@ def test_config_renders_byte_identically(repo: Path, tmp_path: Path) -> None:
         assert main(["render", "--host", "motoko", "--repo", str(repo), "--out", str(out)]) == 0
         outs.append((out / "config" / "config.yaml").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_long_prompt_once_the_budget_is_spent(
+    quiet_probes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flushed: int
+) -> None:
+    procs = start_stack(quiet_probes, tmp_path, monkeypatch, flushed, openai=True)  # a millionth of a dollar
+    try:
+        port = procs["proxy"].port
+        assert "openai" in ask(port, "openai/strong").json()["choices"][0]["message"]["content"]
+        assert wait_for(lambda: "armitage" in ask(port, "openai/strong").text, 15), "budget never spent"
+        local = [procs["armitage"], procs["wintermute"]]
+        before = settled(local)
+        r = ask(port, "local/chat", words=10_000)
+        print("STATUS", r.status_code, r.text[:3000])
+        assert [stats(p) for p in local] == before
+        assert 400 <= r.status_code < 500, r.text
+    finally:
+        stop_all(procs)

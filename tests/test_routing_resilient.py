@@ -4,6 +4,7 @@ per-deployment cooldown policy, health-check routing, separate timeouts, one con
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +116,24 @@ def test_identical_inputs_render_identically() -> None:
     a = json.dumps(config(), sort_keys=False)
     b = json.dumps(config(), sort_keys=False)
     assert a == b
+
+
+def test_validate_explains_the_limit_and_warns_when_nothing_fits(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli.commands import main
+    from tests.test_validate import edit
+
+    edit(repo / "hosts/armitage.yaml", "max_model_len: 8192", "max_model_len: 1024")
+    assert main(["validate", "--repo", str(repo), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    by_severity: dict[str, list[str]] = {}
+    for p in report["problems"]:
+        by_severity.setdefault(p["severity"], []).append(p["message"])
+    assert by_severity["warning"] == [
+        "max_model_len 1024 of armitage leaves no room for a prompt after routing.answer_reserve_tokens 1024: "
+        "every prompt to 'local/chat' goes to openai/strong"
+    ]
+    assert any(m.startswith("'local/reasoner' on wintermute takes prompts up to 7168") for m in by_severity["info"])
+    assert main(["validate", "--repo", str(repo)]) == 0
+    assert "1 warning(s)" in capsys.readouterr().out
