@@ -138,9 +138,18 @@ def test_config_renders_byte_identically(repo: Path, tmp_path: Path) -> None:
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("over_budget", [False, True], ids=["refused", "opt-in"])
 def test_long_prompt_once_the_budget_is_spent(
-    quiet_probes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flushed: int
+    quiet_probes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flushed: int, over_budget: bool
 ) -> None:
+    """Too long for every local backend and the budget spent: by default a 429 that names both
+    rules, with no local round trip; ``long_context_over_budget: true`` answers it from OpenAI."""
+    if over_budget:
+        edit(
+            quiet_probes / "fleet.yaml",
+            "  failure_threshold: 3",
+            "  failure_threshold: 3\n  long_context_over_budget: true",
+        )
     procs = start_stack(quiet_probes, tmp_path, monkeypatch, flushed, openai=True)  # a millionth of a dollar
     try:
         port = procs["proxy"].port
@@ -149,8 +158,14 @@ def test_long_prompt_once_the_budget_is_spent(
         local = [procs["armitage"], procs["wintermute"]]
         before = settled(local)
         r = ask(port, "local/chat", words=10_000)
-        print("STATUS", r.status_code, r.text[:3000])
-        assert [stats(p) for p in local] == before
-        assert 400 <= r.status_code < 500, r.text
+        assert [stats(p) for p in local] == before, "a long prompt reached a local backend"
+        if over_budget:
+            assert r.status_code == 200, r.text
+            assert "openai" in r.json()["choices"][0]["message"]["content"]
+        else:
+            assert r.status_code == 429, r.text
+            message = r.json()["error"]["message"]
+            assert "Context Window exceeded" in message and "Max Input Tokens=7168" in message, message
+            assert "Exceeded budget for provider openai" in message, message
     finally:
         stop_all(procs)

@@ -137,3 +137,18 @@ def test_validate_explains_the_limit_and_warns_when_nothing_fits(
     assert any(m.startswith("'local/reasoner' on wintermute takes prompts up to 7168") for m in by_severity["info"])
     assert main(["validate", "--repo", str(repo)]) == 0
     assert "1 warning(s)" in capsys.readouterr().out
+
+
+def test_long_context_over_budget_is_opt_in() -> None:
+    assert not [m for m in config()["model_list"] if m["model_name"].endswith("+over-budget")]
+    fleet = Fleet(routing=RoutingPolicy(long_context_over_budget=True), openai_api_base="https://llm.example/v1")
+    cfg = config(fleet)
+    (extra,) = [m for m in cfg["model_list"] if m["model_name"] == "openai/strong+over-budget"]
+    # Not the openai provider: LiteLLM's provider budget does not filter it.
+    assert extra["litellm_params"]["model"] == "hosted_vllm/gpt-4.1-mini"
+    assert extra["litellm_params"]["api_base"] == "https://llm.example/v1"
+    assert extra["model_info"]["disable_background_health_check"] is True
+    cw = {k: v for entry in cfg["router_settings"]["context_window_fallbacks"] for k, v in entry.items()}
+    assert cw["local/chat"] == ["openai/strong", "openai/strong+over-budget"]
+    # Ordinary failures never reach it: it is in no group's chain and no fallback.
+    assert all("+over-budget" not in str(entry) for entry in cfg["router_settings"]["fallbacks"])

@@ -317,6 +317,31 @@ def _deployment(fleet: Fleet, alias: str, b: Backend, order: int) -> dict[str, A
     return {"model_name": alias, "litellm_params": params, "model_info": info}
 
 
+#: The model group that takes prompts too long for every local backend once the OpenAI budget
+#: is spent, when ``routing.long_context_over_budget`` allows it.
+OVER_BUDGET_SUFFIX = "+over-budget"
+
+
+def _over_budget_group(fleet: Fleet, groups: Mapping[str, tuple[Backend, ...]]) -> list[dict[str, Any]]:
+    """With ``long_context_over_budget``: the long-context model again, as a provider that
+    LiteLLM's ``provider_budget_config`` (keyed ``openai``) does not filter: ``hosted_vllm/``
+    speaks the same OpenAI API. Its spend is not counted against the budget: that is the opt-in."""
+    policy = fleet.routing
+    target = groups.get(policy.long_context_alias, ())
+    if not policy.long_context_over_budget or not target or target[0].kind != "openai":
+        return []
+    b = target[0]
+    name = policy.long_context_alias + OVER_BUDGET_SUFFIX
+    params = {
+        "model": "hosted_vllm/" + b.model.removeprefix("openai/"),
+        "order": 1,
+        "api_key": "os.environ/OPENAI_API_KEY",
+        "api_base": fleet.openai_api_base or "https://api.openai.com/v1",
+    }
+    info = {"id": f"{name}@{b.name}", "disable_background_health_check": True}
+    return [{"model_name": name, "litellm_params": params, "model_info": info}]
+
+
 def litellm_config(
     fleet: Fleet, decisions: Mapping[str, Decision], extra_router: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -344,8 +369,10 @@ def litellm_config(
         and any(b.kind == "openai" for b in group)
         and all(b.kind != "embedding" for b in group)
     ]
+    overage = _over_budget_group(fleet, groups)
+    model_list.extend(overage)
     long_context = [
-        {alias: [policy.long_context_alias]}
+        {alias: [policy.long_context_alias, *(m["model_name"] for m in overage)]}
         for alias, group in sorted(groups.items())
         if group[0].kind == "vllm" and alias != policy.long_context_alias and policy.long_context_alias in groups
     ]
