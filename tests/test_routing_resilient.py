@@ -152,3 +152,16 @@ def test_long_context_over_budget_is_opt_in() -> None:
     assert cw["local/chat"] == ["openai/strong", "openai/strong+over-budget"]
     # Ordinary failures never reach it: it is in no group's chain and no fallback.
     assert all("+over-budget" not in str(entry) for entry in cfg["router_settings"]["fallbacks"])
+
+
+def test_lint_refuses_a_router_level_cooldown_policy() -> None:
+    import yaml
+
+    from agent.core.lint import lint_litellm_config
+
+    cfg = config()
+    clean = lint_litellm_config(yaml.safe_dump(cfg), "config.yaml", "")
+    assert not [p for p in clean if "allowed_fails" in p.message]
+    cfg["router_settings"]["allowed_fails_policy"] = {"TimeoutErrorAllowedFails": 0}
+    problems = lint_litellm_config(yaml.safe_dump(cfg), "config.yaml", "")
+    assert [p.severity for p in problems if "allowed_fails_policy" in p.message] == ["error"]

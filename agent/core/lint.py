@@ -371,6 +371,19 @@ def no_allowed_fails(cfg: ProxyConfig) -> Iterator[Problem]:
 
 
 @proxy_check
+def no_router_allowed_fails_policy(cfg: ProxyConfig) -> Iterator[Problem]:
+    """The cooldown policy belongs on each deployment (``model_info``): a router-level one
+    switches LiteLLM's health-check routing off (router.py, health-check filter)."""
+    if "allowed_fails_policy" in cfg.router:
+        yield Problem(
+            cfg.name,
+            cfg.doc.line_of("router_settings", "allowed_fails_policy"),
+            "router_settings.allowed_fails_policy switches health-check routing off: a failed backend "
+            "stays in routing; the generated config sets the policy per deployment",
+        )
+
+
+@proxy_check
 def fallback_targets_exist(cfg: ProxyConfig) -> Iterator[Problem]:
     names = {m.get("model_name") for m in cfg.data.get("model_list", []) if isinstance(m, dict)}
     for key in ("fallbacks", "context_window_fallbacks"):
