@@ -8,8 +8,11 @@ fleet reports health, every backend counts as healthy):
   it now and why (the first healthy entry of its fallback chain);
 - ``litellm_config(desired, decisions)``: the proxy's config, built to the measured facts in
   ``shared/notes/litellm.md`` (``hosted_vllm/`` for local models, no ``allowed_fails``,
-  ``num_retries: 0``, per-deployment timeouts, budget via ``provider_budget_config`` backed
-  by Redis, no background health checks on paid models, master key from the environment).
+  ``num_retries: 0``, budget via ``provider_budget_config`` backed by Redis, master key from
+  the environment) and resilient by itself: each alias one model group holding its chain as
+  ordered deployments, a per-deployment cooldown policy, background health checks with
+  routing (never on paid models), separate ``timeout``/``stream_timeout``, and each local
+  deployment's ``max_input_tokens`` from the one context rule (``local_input_limit``).
 
 A change of routing is a change of the rendered config, which the gateway role reloads in
 place (SIGHUP), never restarting the proxy. The config holds which backend serves each alias,
