@@ -25,11 +25,22 @@ TOKEN = "mkt-test-bearer-token-0123456789"
 
 
 def start_stack(
-    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_port: int, openai: bool = False
+    repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_port: int,
+    openai: bool = False,
+    budget: str = "0.000001",
+    fake_env: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Proc]:
+    """The fakes and the proxy on the config ``agent render`` writes; ``fake_env``: extra
+    environment per fake (e.g. ``FAKE_MODE_FILE``); ``budget``: the monthly OpenAI budget."""
+    envs = fake_env or {}
     procs = {
-        "armitage": start_fake(tmp_path, "armitage", "Qwen/Qwen2.5-7B-Instruct-AWQ"),
-        "wintermute": start_fake(tmp_path, "wintermute", "meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ"),
+        "armitage": start_fake(tmp_path, "armitage", "Qwen/Qwen2.5-7B-Instruct-AWQ", env=envs.get("armitage")),
+        "wintermute": start_fake(
+            tmp_path, "wintermute", "meta-llama/Meta-Llama-3.1-8B-Instruct-AWQ", env=envs.get("wintermute")
+        ),
         "embed": start_fake(tmp_path, "embed", "BAAI/bge-base-en-v1.5"),
     }
     if openai:  # a stand-in for api.openai.com serving both paid models
@@ -37,7 +48,7 @@ def start_stack(
         edit(
             repo / "fleet.yaml",
             "openai_budget_monthly_usd: 150",
-            f"""openai_budget_monthly_usd: 0.000001
+            f"""openai_budget_monthly_usd: {budget}
 openai_api_base: http://127.0.0.1:{procs["openai"].port}/v1""",
         )
     # The proxy runs here on the host network, not in its container: the fakes are on loopback.

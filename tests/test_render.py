@@ -30,8 +30,18 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     files = render(repo, "motoko", tmp_path / "out")
     assert set(files) == {"compose.yaml", "config/config.yaml", "litellm.env"}
     cfg: dict[str, Any] = yaml.safe_load(files["config/config.yaml"])
-    models = {m["model_name"]: m for m in cfg["model_list"]}
-    assert set(models) == {"local/chat", "local/reasoner", "local/embed", "openai/strong", "openai/cheap"}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for m in cfg["model_list"]:
+        groups.setdefault(m["model_name"], []).append(m)
+    assert set(groups) == {"local/chat", "local/reasoner", "local/embed", "openai/strong", "openai/cheap"}
+    # Each alias is one model group: its fallback chain as ordered deployments.
+    chat = groups["local/chat"]
+    assert [(m["litellm_params"]["order"], m["model_info"]["id"]) for m in chat] == [
+        (1, "local/chat@armitage"),
+        (2, "local/chat@wintermute"),
+        (3, "local/chat@openai-strong"),
+    ]
+    models = {name: group[0] for name, group in groups.items()}
     assert models["local/chat"]["litellm_params"]["model"] == "hosted_vllm/Qwen/Qwen2.5-7B-Instruct-AWQ"
     assert models["local/chat"]["litellm_params"]["api_base"] == "http://armitage:8000/v1"
     assert (
@@ -39,12 +49,16 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     )
     assert models["local/reasoner"]["litellm_params"]["api_base"] == "http://wintermute:8000/v1"
     assert models["local/embed"]["litellm_params"]["api_base"] == "http://motoko:8200/v1"
+    assert [m["model_info"]["id"] for m in groups["local/embed"]] == ["local/embed@motoko-embed"]
     assert models["openai/strong"]["litellm_params"]["model"] == "openai/gpt-4.1-mini"
     assert models["openai/cheap"]["litellm_params"]["model"] == "openai/gpt-4o-mini"
     assert models["openai/strong"]["model_info"]["disable_background_health_check"] is True
-    assert models["local/chat"]["model_info"]["max_input_tokens"] == 12000
+    assert chat[2]["model_info"]["disable_background_health_check"] is True
+    # One context rule: max_model_len 8192 less the 1024-token answer reserve, capped at 12,000.
+    assert models["local/chat"]["model_info"]["max_input_tokens"] == 8192 - 1024
     router = cfg["router_settings"]
-    assert {"local/chat": ["local/reasoner", "openai/strong"]} in router["fallbacks"]
+    assert {"local/reasoner": ["local/chat"]} in router["fallbacks"]
+    assert {"openai/strong": ["local/chat"]} in router["fallbacks"]
     assert {"local/chat": ["openai/strong"]} in router["context_window_fallbacks"]
     assert router["enable_pre_call_checks"] is True
     assert router["num_retries"] == 0
@@ -53,6 +67,7 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     assert cfg["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
     env = files["litellm.env"]
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in env
+    assert "GRACEFUL_SHUTDOWN_TIMEOUT=150" in env  # routing.timeout_s (120) + 30
     compose = yaml.safe_load(files["compose.yaml"])
     assert compose["services"]["litellm"]["container_name"] == "litellm"
     assert compose["services"]["litellm"]["ports"] == ["0.0.0.0:8000:4000"]

@@ -29,8 +29,15 @@ def test_shipped_example_is_valid(repo: Path, capsys: pytest.CaptureFixture[str]
     code, out = validate(repo, capsys)
     assert code == 0, out
     assert "valid: 3 hosts (armitage, motoko, wintermute)" in out
-    # The seed's own numbers disagree (8192-token backends, 12,000-token rule): a warning.
-    assert re.search(r"hosts/armitage.yaml:\d+: warning: max_model_len 8192", out)
+    assert "valid: 3 hosts (armitage, motoko, wintermute), 0 warning(s)" in out
+    # The seed's numbers (8192-token backends, 12,000-token rule) no longer contradict each
+    # other: validate explains the effective limit of each local alias.
+    assert re.search(
+        r"hosts/armitage.yaml:\d+: note: 'local/chat' on armitage takes prompts up to 7168 tokens "
+        r"\(max_model_len 8192 less routing.answer_reserve_tokens 1024\); longer prompts go to openai/strong",
+        out,
+    )
+    assert "warning:" not in out
 
 
 @pytest.mark.slow  # an external process (the CLI, git)

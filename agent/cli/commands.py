@@ -228,6 +228,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
         desired, problems = validate_all(repo, resolver, settings.project_prefix)
         problems += resolver.identity_problems()
     errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity == "warning"]
     if args.json:
         print(
             json.dumps(
@@ -244,10 +245,10 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         _print_problems(problems, sys.stdout)
         if errors:
-            print(f"invalid: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)", file=sys.stderr)
+            print(f"invalid: {len(errors)} error(s), {len(warnings)} warning(s)", file=sys.stderr)
         else:
             hosts = ", ".join(sorted(desired.hosts)) if desired else ""
-            print(f"valid: {len(desired.hosts) if desired else 0} hosts ({hosts}), {len(problems)} warning(s)")
+            print(f"valid: {len(desired.hosts) if desired else 0} hosts ({hosts}), {len(warnings)} warning(s)")
     return 1 if errors else 0
 
 

@@ -21,7 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-Severity = Literal["error", "warning"]
+#: ``info``: an explanation ``agent validate`` prints (never a reason to refuse anything).
+Severity = Literal["error", "warning", "info"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        prefix = "warning: " if self.severity == "warning" else ""
+        prefix = {"error": "", "warning": "warning: ", "info": "note: "}[self.severity]
         return f"{where}: {prefix}{self.message}"
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from agent.core.errors import DesiredStateError, Problem
 from agent.core.fleet import DesiredState
-from agent.core.model import REQUIRED_ALIASES, Host
+from agent.core.model import REQUIRED_ALIASES, Host, RoutingPolicy
 from agent.core.rendered import RenderedStack
-from agent.core.routing import Backend, backends
+from agent.core.routing import Backend, backends, local_input_limit
 from agent.core.stack import StackFile, parse_env_file
 from agent.core.yamlsrc import Document, load
 
@@ -199,17 +199,42 @@ def litellm_release(ctx: FleetLint) -> Iterator[Problem]:
 
 @fleet_check
 def context_window(ctx: FleetLint) -> Iterator[Problem]:
-    """A backend that gets prompts up to max_input_tokens must hold them."""
-    limit = ctx.desired.fleet.routing.max_input_tokens
+    """The one context rule, explained per local alias (``routing.local_input_limit``): what
+    ``agent validate`` prints instead of a contradiction to resolve by hand."""
+    pol = ctx.desired.fleet.routing
     for b in ctx.table:
-        if b.kind == "vllm" and b.max_model_len is not None and b.max_model_len < limit:
+        if b.kind != "vllm":
+            continue
+        file = ctx.desired.hosts[b.host].file if b.host else b.file
+        line = ctx.line_of(b.host, "vars", "max_model_len") if b.host else None
+        if b.max_model_len is not None and b.max_model_len <= pol.answer_reserve_tokens:
             yield Problem(
-                ctx.desired.hosts[b.host].file if b.host else b.file,
-                ctx.line_of(b.host, "vars", "max_model_len") if b.host else None,
-                f"max_model_len {b.max_model_len} of {b.name} is below routing.max_input_tokens "
-                f"{limit}: prompts between the two reach '{b.alias}' and fail there",
+                file,
+                line,
+                f"max_model_len {b.max_model_len} of {b.name} leaves no room for a prompt after "
+                f"routing.answer_reserve_tokens {pol.answer_reserve_tokens}: every prompt to '{b.alias}' "
+                f"goes to {pol.long_context_alias}",
                 "warning",
             )
+            continue
+        yield Problem(file, line, _limit_note(pol, b), "info")
+
+
+def _limit_note(pol: RoutingPolicy, b: Backend) -> str:
+    limit = local_input_limit(pol, b)
+    if b.max_model_len is None or limit == pol.max_input_tokens:
+        why = f"routing.max_input_tokens {pol.max_input_tokens}"
+    else:
+        why = f"max_model_len {b.max_model_len} less routing.answer_reserve_tokens {pol.answer_reserve_tokens}"
+    spent = (
+        "over the budget (routing.long_context_over_budget)"
+        if pol.long_context_over_budget
+        else "a 429 naming both rules"
+    )
+    return (
+        f"'{b.alias}' on {b.name} takes prompts up to {limit} tokens ({why}); longer prompts go to "
+        f"{pol.long_context_alias} without reaching {b.name}; once the OpenAI budget is spent they get {spent}"
+    )
 
 
 def _first_mention(doc: Document, alias: str) -> int | None:
@@ -343,6 +368,19 @@ def no_allowed_fails(cfg: ProxyConfig) -> Iterator[Problem]:
                 "allowed_fails must not be set: it put a healthy fallback in cooldown during an outage "
                 "(62 of 300 requests failed)",
             )
+
+
+@proxy_check
+def no_router_allowed_fails_policy(cfg: ProxyConfig) -> Iterator[Problem]:
+    """The cooldown policy belongs on each deployment (``model_info``): a router-level one
+    switches LiteLLM's health-check routing off (router.py, health-check filter)."""
+    if "allowed_fails_policy" in cfg.router:
+        yield Problem(
+            cfg.name,
+            cfg.doc.line_of("router_settings", "allowed_fails_policy"),
+            "router_settings.allowed_fails_policy switches health-check routing off: a failed backend "
+            "stays in routing; the generated config sets the policy per deployment",
+        )
 
 
 @proxy_check

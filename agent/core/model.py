@@ -220,10 +220,38 @@ class RoutingPolicy(Strict):
     failure_threshold: int = Field(3, ge=1, le=100)
     #: Seconds between motoko's health probes of each backend.
     health_interval_s: float = Field(5.0, gt=0, le=3600)
-    #: Per-request timeout for a local backend, seconds (a hung backend costs this much).
-    backend_timeout_s: Seconds = 30.0
+    #: Old name: the default of both ``timeout_s`` and ``stream_timeout_s`` when they are unset.
+    backend_timeout_s: Seconds | None = None
+    #: A local backend's whole non-streaming answer, seconds (vLLM sends nothing until done,
+    #: so this bounds the longest generation; default 120, or ``backend_timeout_s``).
+    timeout_s: Seconds | None = None
+    #: A local backend's time to first token and every gap between streamed chunks, seconds
+    #: (default 30, or ``backend_timeout_s``).
+    stream_timeout_s: Seconds | None = None
+    #: Tokens kept free for the answer: a local deployment takes prompts up to its
+    #: ``max_model_len`` less this (and never over ``max_input_tokens``).
+    answer_reserve_tokens: Tokens = 1024
+    #: Seconds a local deployment stays out of routing after failing (LiteLLM cooldown).
+    cooldown_s: float = Field(30.0, ge=1, le=3600)
+    #: Timeout of the gateway's own background probe of each local deployment, seconds. Not
+    #: tighter: a probe that times out on a starved gateway (measured: 2 s at load 37 on two
+    #: cores, before the request was even sent) takes a healthy backend out of routing.
+    probe_timeout_s: Seconds = 5.0
+    #: A prompt too long for every local backend once the OpenAI budget is spent: false (the
+    #: default) refuses it with a 4xx; true sends it to ``long_context_alias`` over the budget.
+    long_context_over_budget: bool = False
     #: Which alias serves ``openai/*`` once the monthly budget is spent.
     budget_fallback: str = Field("local/chat", pattern=ALIAS_RE)
+
+    @property
+    def request_timeout_s(self) -> float:
+        """The whole non-streaming answer of a local backend (LiteLLM ``timeout``)."""
+        return self.timeout_s or self.backend_timeout_s or 120.0
+
+    @property
+    def first_token_timeout_s(self) -> float:
+        """Time to first token and between chunks of a local backend (LiteLLM ``stream_timeout``)."""
+        return self.stream_timeout_s or self.backend_timeout_s or 30.0
 
     @field_validator("fallbacks")
     @classmethod

@@ -8,8 +8,11 @@ fleet reports health, every backend counts as healthy):
   it now and why (the first healthy entry of its fallback chain);
 - ``litellm_config(desired, decisions)``: the proxy's config, built to the measured facts in
   ``shared/notes/litellm.md`` (``hosted_vllm/`` for local models, no ``allowed_fails``,
-  ``num_retries: 0``, per-deployment timeouts, budget via ``provider_budget_config`` backed
-  by Redis, no background health checks on paid models, master key from the environment).
+  ``num_retries: 0``, budget via ``provider_budget_config`` backed by Redis, master key from
+  the environment) and resilient by itself: each alias one model group holding its chain as
+  ordered deployments, a per-deployment cooldown policy, background health checks with
+  routing (never on paid models), separate ``timeout``/``stream_timeout``, and each local
+  deployment's ``max_input_tokens`` from the one context rule (``local_input_limit``).
 
 A change of routing is a change of the rendered config, which the gateway role reloads in
 place (SIGHUP), never restarting the proxy. The config holds which backend serves each alias,
@@ -18,6 +21,7 @@ never *why*: reasons go to status and logs, so a reworded reason is not a reload
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,8 +50,16 @@ class Backend:
 @dataclass(frozen=True, slots=True)
 class Decision:
     alias: str
-    backend: Backend
+    backend: Backend  # the one serving the alias now (the first of ``chain``)
     reason: str
+    #: The deployments of the alias's model group, in order of preference: the serving one,
+    #: then the rest of its fallback chain that is not known to be down. LiteLLM tries the
+    #: next one within the same request when one fails.
+    chain: tuple[Backend, ...] = ()
+
+    @property
+    def deployments(self) -> tuple[Backend, ...]:
+        return self.chain or (self.backend,)
 
     @property
     def degraded(self) -> bool:
@@ -198,76 +210,201 @@ def decide(
         if budget_exceeded and own.kind == "openai":
             target = native.get(policy.budget_fallback)
             if target is not None:
+                rest = _ordered(policy, policy.budget_fallback, native, up, target)
                 decisions[alias] = Decision(
-                    alias, target, f"OpenAI monthly budget spent: served by {policy.budget_fallback}"
+                    alias, target, f"OpenAI monthly budget spent: served by {policy.budget_fallback}", rest
                 )
                 continue
         if up(own):
-            decisions[alias] = Decision(alias, own, "primary healthy")
+            decisions[alias] = Decision(alias, own, "primary healthy", _ordered(policy, alias, native, up, own))
             continue
         why = health[own.name].reason or "unhealthy"
         for step in chain(policy, alias)[1:]:
             candidate = native.get(step)
             if candidate is not None and up(candidate):
-                decisions[alias] = Decision(alias, candidate, f"{own.name} down ({why}): served by {step}")
+                decisions[alias] = Decision(
+                    alias,
+                    candidate,
+                    f"{own.name} down ({why}): served by {step}",
+                    _ordered(policy, alias, native, up, candidate),
+                )
                 break
         else:
-            decisions[alias] = Decision(alias, own, f"{own.name} down ({why}) and no healthy fallback; kept")
+            decisions[alias] = Decision(alias, own, f"{own.name} down ({why}) and no healthy fallback; kept", (own,))
     return decisions
+
+
+def _ordered(
+    policy: RoutingPolicy,
+    alias: str,
+    native: Mapping[str, Backend],
+    up: Callable[[Backend], bool],
+    first: Backend,
+) -> tuple[Backend, ...]:
+    """``first``, then every other healthy backend of ``alias``'s chain, in chain order, once each."""
+    out = [first]
+    for step in chain(policy, alias):
+        b = native.get(step)
+        if b is not None and up(b) and all(b.name != o.name for o in out) and _compatible(first, b):
+            out.append(b)
+    return tuple(out)
+
+
+def _compatible(a: Backend, b: Backend) -> bool:
+    """Embeddings and chat never share a model group."""
+    return (a.kind == "embedding") == (b.kind == "embedding")
+
+
+def local_input_limit(policy: RoutingPolicy, b: Backend) -> int:
+    """The longest prompt (tokens) a local chat deployment takes: its ``max_model_len`` less
+    ``answer_reserve_tokens``, never over ``max_input_tokens`` (one rule; longer prompts go to
+    ``long_context_alias``). At least 1: a backend smaller than the reserve takes nothing useful,
+    which ``agent validate`` says."""
+    if b.max_model_len is None:
+        return policy.max_input_tokens
+    return max(1, min(policy.max_input_tokens, b.max_model_len - policy.answer_reserve_tokens))
+
+
+def health_check_interval_s(policy: RoutingPolicy) -> int:
+    """LiteLLM's ``health_check_interval`` is whole seconds (proxy_server.py ignores a float)."""
+    return max(1, math.ceil(policy.health_interval_s))
+
+
+def graceful_shutdown_s(policy: RoutingPolicy) -> int:
+    """``GRACEFUL_SHUTDOWN_TIMEOUT`` of the proxy: a reload lets old workers finish the longest
+    non-streaming generation (``timeout``) with a margin, instead of LiteLLM's 30 s default
+    that cut a 50 s stream (shared/notes/litellm.md)."""
+    return math.ceil(max(policy.request_timeout_s, policy.first_token_timeout_s)) + 30
+
+
+def cooldown_policy(policy: RoutingPolicy) -> dict[str, int]:
+    """Per-deployment ``allowed_fails_policy`` (LiteLLM ``model_info``; the router-level one would
+    switch health-check routing off, router.py ``_async_filter_health_check_unhealthy_deployments``).
+
+    A timeout cools the deployment at once: a hung backend otherwise costs every request the
+    whole timeout. Server errors cool it after ``failure_threshold`` in a minute (they fail fast,
+    and the next deployment answers in the same request meanwhile). Connection errors are never
+    cooled by LiteLLM; the background health check takes a refusing backend out.
+    """
+    n = policy.failure_threshold - 1  # LiteLLM cools when the fails this minute exceed the number
+    return {
+        "TimeoutErrorAllowedFails": 0,
+        "InternalServerErrorAllowedFails": n,
+        "ServiceUnavailableErrorAllowedFails": n,
+        "BadGatewayErrorAllowedFails": n,
+        "NotFoundErrorAllowedFails": n,
+    }
+
+
+def _deployment(fleet: Fleet, alias: str, b: Backend, order: int) -> dict[str, Any]:
+    policy = fleet.routing
+    params: dict[str, Any] = {"model": b.model, "order": order}
+    info: dict[str, Any] = {"id": f"{alias}@{b.name}"}
+    if b.kind == "openai":
+        params["api_key"] = "os.environ/OPENAI_API_KEY"
+        if fleet.openai_api_base:
+            params["api_base"] = fleet.openai_api_base
+        info["disable_background_health_check"] = True  # a probe is a paid call
+        return {"model_name": alias, "litellm_params": params, "model_info": info}
+    params["api_base"] = b.api_base
+    params["api_key"] = "none"
+    params["timeout"] = policy.request_timeout_s
+    params["stream_timeout"] = policy.first_token_timeout_s
+    if b.kind == "embedding":
+        info["mode"] = "embedding"
+    else:
+        info["max_input_tokens"] = local_input_limit(policy, b)
+    info["health_check_timeout"] = policy.probe_timeout_s
+    info["cooldown_time"] = policy.cooldown_s
+    info["allowed_fails_policy"] = cooldown_policy(policy)
+    return {"model_name": alias, "litellm_params": params, "model_info": info}
+
+
+#: The model group that takes prompts too long for every local backend once the OpenAI budget
+#: is spent, when ``routing.long_context_over_budget`` allows it.
+OVER_BUDGET_SUFFIX = "+over-budget"
+
+
+def _over_budget_group(fleet: Fleet, groups: Mapping[str, tuple[Backend, ...]]) -> list[dict[str, Any]]:
+    """With ``long_context_over_budget``: the long-context model again, as a provider that
+    LiteLLM's ``provider_budget_config`` (keyed ``openai``) does not filter: ``hosted_vllm/``
+    speaks the same OpenAI API. Its spend is not counted against the budget: that is the opt-in."""
+    policy = fleet.routing
+    target = groups.get(policy.long_context_alias, ())
+    if not policy.long_context_over_budget or not target or target[0].kind != "openai":
+        return []
+    b = target[0]
+    name = policy.long_context_alias + OVER_BUDGET_SUFFIX
+    params = {
+        "model": "hosted_vllm/" + b.model.removeprefix("openai/"),
+        "order": 1,
+        "api_key": "os.environ/OPENAI_API_KEY",
+        "api_base": fleet.openai_api_base or "https://api.openai.com/v1",
+    }
+    info = {"id": f"{name}@{b.name}", "disable_background_health_check": True}
+    return [{"model_name": name, "litellm_params": params, "model_info": info}]
 
 
 def litellm_config(
     fleet: Fleet, decisions: Mapping[str, Decision], extra_router: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The LiteLLM proxy config for the given decisions (see module docstring)."""
-    policy = fleet.routing
-    model_list: list[dict[str, Any]] = []
-    for alias in sorted(decisions):
-        b = decisions[alias].backend
-        params: dict[str, Any] = {"model": b.model}
-        info: dict[str, Any] = {"id": f"{alias}@{b.name}"}
-        if b.kind == "openai":
-            params["api_key"] = "os.environ/OPENAI_API_KEY"
-            if fleet.openai_api_base:
-                params["api_base"] = fleet.openai_api_base
-            info["disable_background_health_check"] = True
-        else:
-            params["api_base"] = b.api_base
-            params["api_key"] = "none"
-            params["timeout"] = policy.backend_timeout_s
-            params["stream_timeout"] = policy.backend_timeout_s
-            if b.kind == "embedding":
-                info["mode"] = "embedding"
-            else:
-                info["max_input_tokens"] = policy.max_input_tokens
-        model_list.append({"model_name": alias, "litellm_params": params, "model_info": info})
+    """The LiteLLM proxy config for the given decisions (see module docstring).
 
-    fallbacks = [{alias: list(rest)} for alias, rest in sorted(policy.fallbacks.items())]
-    for alias, d in sorted(decisions.items()):
-        # Rule 5: spent budget moves openai/* to the budget fallback; LiteLLM's provider
-        # budget refuses the call and the router falls back within the same request.
-        if d.backend.kind == "openai" and alias not in policy.fallbacks and alias != policy.budget_fallback:
-            fallbacks.append({alias: [policy.budget_fallback]})
+    Each alias is one model group holding its fallback chain as deployments with ``order``
+    1, 2, 3...: LiteLLM serves the lowest order left after its cooldown, health and context
+    filters, and on a failure tries the next order within the same request (router.py,
+    order-based fallbacks).
+    """
+    policy = fleet.routing
+    model_list = [
+        _deployment(fleet, alias, b, order)
+        for alias in sorted(decisions)
+        for order, b in enumerate(decisions[alias].deployments, 1)
+    ]
+    groups = {alias: d.deployments for alias, d in decisions.items()}
+    fallbacks = [
+        # Rule 5: a spent budget filters the paid deployments out before the call (provider
+        # budget); a group left with none falls back to the budget fallback.
+        {alias: [policy.budget_fallback]}
+        for alias, group in sorted(groups.items())
+        if alias != policy.budget_fallback
+        and policy.budget_fallback in groups
+        and any(b.kind == "openai" for b in group)
+        and all(b.kind != "embedding" for b in group)
+    ]
+    overage = _over_budget_group(fleet, groups)
+    model_list.extend(overage)
     long_context = [
-        {alias: [policy.long_context_alias]}
-        for alias, d in sorted(decisions.items())
-        if d.backend.kind == "vllm" and alias != policy.long_context_alias
+        {alias: [policy.long_context_alias, *(m["model_name"] for m in overage)]}
+        for alias, group in sorted(groups.items())
+        if group[0].kind == "vllm" and alias != policy.long_context_alias and policy.long_context_alias in groups
     ]
     router: dict[str, Any] = {
         "routing_strategy": "simple-shuffle",
         "num_retries": 0,
-        "timeout": policy.backend_timeout_s,
+        "timeout": policy.request_timeout_s,
         "enable_pre_call_checks": True,
         "fallbacks": fallbacks,
         "context_window_fallbacks": long_context,
         "provider_budget_config": {"openai": {"budget_limit": fleet.openai_budget_monthly_usd, "time_period": "1mo"}},
+        # Cooldowns, health state and spend live in the router's cache: with Redis they are
+        # shared by the workers and survive a reload.
         "redis_host": "os.environ/REDIS_HOST",
         "redis_port": "os.environ/REDIS_PORT",
     }
     router.update(extra_router or {})
+    interval = health_check_interval_s(policy)
     return {
         "model_list": model_list,
         "router_settings": router,
-        "litellm_settings": {"drop_params": True, "num_retries": 0, "request_timeout": policy.backend_timeout_s},
-        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+        "litellm_settings": {"drop_params": True, "num_retries": 0, "request_timeout": policy.request_timeout_s},
+        "general_settings": {
+            "master_key": "os.environ/LITELLM_MASTER_KEY",
+            # The gateway probes each local deployment itself and routes around the ones that
+            # fail (a group's last deployment is never filtered out).
+            "background_health_checks": True,
+            "health_check_interval": interval,
+            "enable_health_check_routing": True,
+            "health_check_staleness_threshold": 3 * interval,
+        },
     }
