@@ -17,11 +17,11 @@ DEMO_IDENTITY = ROOT / "examples" / "demo-identity.txt"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_lock_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test gets its own machine-wide pass-lock dir (the real one is shared by the host),
     and no test logs into a stream an earlier CLI test configured (pytest closed it since)."""
-    lock_dir = tmp_path_factory.mktemp("locks")
-    lock_dir.chmod(0o700)
+    lock_dir = tmp_path / ".locks"
+    lock_dir.mkdir(mode=0o700)
     monkeypatch.setenv("AGENT_LOCK_DIR", str(lock_dir))
     yield
     structlog.reset_defaults()

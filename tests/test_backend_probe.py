@@ -7,18 +7,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.adapters.vllm import probe_backend
 from agent.core.health import BackendHealth, Check, Stage, parse_vllm_load, stage_of
-from tests.fakes.fake_openai import FakeServer, serve_in_thread
+from tests.fakes.fake_openai import serve_in_thread
 
 SERVED = "Qwen/Qwen2.5-7B-Instruct-AWQ"
 
 
-@pytest.fixture
-def backend(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    mode = tmp_path / "mode"
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """One fake vLLM for the module (starting and stopping one per test costs a poll each)."""
+    mode = tmp_path_factory.mktemp("fake") / "mode"
     mode.write_text("ok")
     server, _thread = serve_in_thread(
         ["--host", "127.0.0.1", "--port", "0", "--served-model-name", SERVED], {"FAKE_MODE_FILE": str(mode)}
@@ -28,6 +30,13 @@ def backend(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def backend(server: tuple[str, Path]) -> Iterator[tuple[str, Path]]:
+    """The shared fake, in ``ok`` mode again after each test."""
+    yield server
+    server[1].write_text("ok")
 
 
 def test_a_healthy_backend_is_ready_with_its_load(backend: tuple[str, Path]) -> None:
@@ -87,9 +96,8 @@ def test_stages() -> None:
 
 def test_the_fake_counts_what_it_received(backend: tuple[str, Path]) -> None:
     url, _ = backend
+    stats_url = url.removesuffix("/v1") + "/fake/stats"
+    before = httpx.get(stats_url).json()["received"].get("/v1/chat/completions", 0)
     probe_backend(url, SERVED, timeout_s=1.0)
-    import httpx
-
-    stats = httpx.get(url.removesuffix("/v1") + "/fake/stats").json()
-    assert stats["received"]["/v1/chat/completions"] == 1
-    assert isinstance(FakeServer, type)
+    after = httpx.get(stats_url).json()["received"]["/v1/chat/completions"]
+    assert after == before + 1, "one canary per probe round"

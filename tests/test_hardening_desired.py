@@ -324,3 +324,35 @@ def test_templates_cannot_build_huge_values(
     assert code == 1, out
     assert f"roles/gpu_node/templates/compose.yaml.j2{'' if 'output' in expected else ':1'}: " in out
     assert expected in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a:\n b:\n  c:\n   d: 1\n",
+        "- - - - x\n",
+        "-\n -\n  -\n   - x\n",
+        "? [a, {b: [c]}]\n: v\n",
+        "a: [[[[1]]]]\nb: {c: {d: {e: 1}}}\n",
+        "- a: b\n  c:\n  - d: e\n    f: [g]\n",
+        "x: |\n  text\n   more\n",
+        "k: !!seq\n- - a\n",
+    ],
+)
+def test_the_depth_bound_never_underestimates(text: str) -> None:
+    """The cheap bound that lets small files skip the depth scan is never below the real depth."""
+    import yaml
+
+    from agent.core.yamlsrc import _depth_bound
+
+    loader = yaml.SafeLoader(text)
+    depth = deepest = 0
+    while loader.check_event():
+        event = loader.get_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    loader.dispose()
+    assert _depth_bound(text) >= deepest

@@ -104,9 +104,21 @@ def load(text: str, name: str) -> Document:
     return Document(name, data, lines)
 
 
+def _depth_bound(text: str) -> int:
+    """An upper bound on how deep ``text`` can nest, without parsing it: a block collection
+    one level deeper is indented further (at least a column), and everything else that opens
+    a level has its own mark (``[``, ``{``, ``- ``, ``-`` at a line's end, ``? ``)."""
+    indent = max((len(line) - len(line.lstrip(" ")) for line in text.splitlines()), default=0)
+    marks = text.count("[") + text.count("{") + text.count("- ") + text.count("-\n") + text.count("? ")
+    return indent + marks + 1
+
+
 def _check_depth(text: str, name: str) -> None:
     """Refuse nesting deeper than ``MAX_DEPTH`` from the parser's events (iterative, cheap),
-    before anything recursive sees the document."""
+    before anything recursive sees the document. Most files cannot nest that deep at all
+    (``_depth_bound``) and skip the scan."""
+    if _depth_bound(text) <= MAX_DEPTH:
+        return
     loader = _Loader(text)
     depth = 0
     try:
