@@ -46,3 +46,11 @@ def test_prefix_flag_names_the_value(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 1
     assert "../../" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "s").exists()
+
+
+def test_plan_takes_the_state_dir_apply_uses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """plan compares the stack files on disk, so it reads the same state dir as apply."""
+    from agent.cli.commands import _parser
+
+    args = _parser().parse_args(["plan", "--host", "armitage", "--state-dir", str(tmp_path / "s")])
+    assert args.state_dir == tmp_path / "s"

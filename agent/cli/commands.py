@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     pl = sub.add_parser("plan", help="what apply would do against the live engine, with reasons (no change made)")
     common(pl, host=True)
     pl.add_argument("--json", action="store_true")
+    pl.add_argument(
+        "--state-dir", type=Path, help="state directory whose stack files are compared (default as for apply)"
+    )
     ap = sub.add_parser("apply", help="one reconcile pass now, then exit")
     common(ap, host=True)
     ap.add_argument("--json", action="store_true")

@@ -163,7 +163,7 @@ def _files_on_disk(stack: StackSpec, observed: Observed) -> list[Action]:
 
 
 def _disk_reason(path: str, found: str | None) -> str:
-    how = {None: "missing (deleted, or a new state directory)", UNREADABLE: "unreadable"}.get(found, "edited")
+    how = {None: "missing: deleted, or a new state directory", UNREADABLE: "unreadable"}.get(found, "edited")
     return f"{path} on disk differs from the desired state ({how})"
 
 
