@@ -272,3 +272,22 @@ def test_each_run_draws_its_own_boot_id_and_its_seq_grows(tmp_path: Path) -> Non
         view = fleet_host(api)
     assert first.boot_id != second.boot_id and view["boot_id"] == second.boot_id
     assert view["boots"] == 2 and view["seq"] == second.seq
+
+
+def test_fields_motoko_would_refuse_are_logged_once_and_reporting_goes_on(tmp_path: Path) -> None:
+    send = Counting()
+    db = tmp_path / "fleet.sqlite"
+    with capture_logs() as logs, fleet_api(db) as api, reporter(api.url, send=send, interval_s=0.05) as r:
+        r.update(ReportFields(role="", stage=Stage.READY))
+        until(lambda: r.attempts >= 2)
+        assert send.results == []  # never sent
+        r.update(fields())
+        until(lambda: r.delivered == 1)
+    warned = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warned) == 1 and warned[0]["reason"].startswith("not a valid report: role:")
+
+
+def test_a_reporter_stopped_before_it_started_closes_its_client() -> None:
+    r = Reporter("http://127.0.0.1:9", "gpu-1", "tok")
+    assert r.stop()
+    assert isinstance(r._send, HttpxSender) and r._send.client.is_closed

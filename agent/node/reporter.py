@@ -172,6 +172,8 @@ class Reporter:
         """End the thread; True if it ended within ``join_s``."""
         self._stopped.set()
         self._wake.set()
+        if self._thread.ident is None and self._own_sender and isinstance(self._send, HttpxSender):
+            self._send.close()  # never started: the thread will not close it
         if self._thread.is_alive():
             self._thread.join(join_s)
         return not self._thread.is_alive()
@@ -211,7 +213,7 @@ class Reporter:
             ).model_dump_json()
             result = self._send(url, token, body.encode())
         except ValidationError as exc:
-            result = Sent(0, f"not a valid report: {exc.errors(include_url=False)[0]['msg']}")
+            result = Sent(0, _invalid(exc))
         except Exception as exc:  # a sender that breaks its contract must not end reporting
             result = Sent(None, f"{type(exc).__name__}: {exc}")
         self.last_result = result
@@ -229,8 +231,8 @@ class Reporter:
                 return
             s.failures += 1
             delay = self._backoff(s.failures)
-            if result.status is not None:  # refused (or invalid here): resending sooner cannot help
-                delay = max(delay, self.interval_s)
+            if result.status is not None and not 500 <= result.status < 600:
+                delay = max(delay, self.interval_s)  # refused (or invalid here): resending sooner cannot help
             s.due = now + delay
             problem, repeated = result.detail, result.detail == s.last_problem
             s.last_problem = problem
@@ -243,5 +245,12 @@ class Reporter:
 
     def _log_failure(self, result: Sent, problem: str, delay: float, repeated: bool) -> None:
         level = log.debug if repeated else log.warning
-        event = "report refused" if result.status is not None else "motoko unreachable"
+        status = result.status
+        event = "motoko unreachable" if status is None else "report failed" if status >= 500 else "report refused"
         level(event, url=self._url, reason=problem, retry_in_s=round(delay, 2))
+
+
+def _invalid(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "report"
+    return f"not a valid report: {where}: {first['msg']}"
