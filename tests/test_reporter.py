@@ -22,6 +22,9 @@ from agent.core.health import BackendHealth, Check, Load, Stage
 from agent.fleet.api import FleetApi
 from agent.node.reporter import Reporter, ReportFields, build_report, judged
 
+# Real sockets and real waits (intervals, backoff): ~3 s, so it runs with the slow tests in CI.
+pytestmark = pytest.mark.slow
+
 TOKENS = {"gpu-1": "tok-gpu-1-secret", "gpu-2": "tok-gpu-2-secret"}
 READY = BackendHealth(
     checks=(Check(name="health", ok=True), Check(name="models", ok=True), Check(name="canary", ok=True)),
