@@ -139,6 +139,14 @@ def test_a_flap_undone_within_the_window_is_no_reload() -> None:
     assert c.step(1.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None, "back in within the window"
     assert c.step(5.0, {}) is None
     assert not any(c.step(t, {}) for t in (6.0, 7.0))
+    # A new change opens a new window: the undone flap's window does not count.
+    assert c.step(8.0, {"armitage": Probe(True, report=ReportState.UNHEALTHY)}) is None
+    assert c.step(8.5, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
+    assert c.step(9.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
+    assert c.step(9.5, {"armitage": Probe(True, report=ReportState.STALE)}) is None, "opens at 9.5"
+    assert c.step(10.5, {}) is None, "not 2 s after 8.0's window: that one closed empty"
+    health = c.step(11.5, {})
+    assert health is not None and not health["armitage"].healthy
 
 
 # --------------------------------------------------------------------------- properties
