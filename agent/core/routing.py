@@ -56,6 +56,9 @@ class Decision:
     #: then the rest of its fallback chain that is not known to be down. LiteLLM tries the
     #: next one within the same request when one fails.
     chain: tuple[Backend, ...] = ()
+    #: False: no entry of the alias's chain is usable; ``backend`` is kept in the config (a
+    #: model group needs a deployment) but the alias is explicitly unavailable.
+    available: bool = True
 
     @property
     def deployments(self) -> tuple[Backend, ...]:
@@ -194,7 +197,10 @@ def decide(
 ) -> dict[str, Decision]:
     """For each alias, the backend serving it now and why. Pure.
 
-    A backend with no health record counts as healthy (nothing says otherwise yet).
+    A backend with no health record counts as healthy (nothing says otherwise yet). Once the
+    budget is spent, an OpenAI backend serves no alias in place of another: ``openai/*`` are
+    served by the first healthy entry of ``budget_fallback``'s chain. An alias none of whose
+    chain can serve keeps its own backend and is marked unavailable (``available=False``).
     """
     health = health or {}
     native = {b.alias: b for b in table}
@@ -202,36 +208,60 @@ def decide(
     def up(b: Backend) -> bool:
         return health.get(b.name, Health(True)).healthy
 
+    def usable(b: Backend) -> bool:
+        return up(b) and not (budget_exceeded and b.kind == "openai")
+
     decisions: dict[str, Decision] = {}
     for alias in aliases(table):
         if alias not in native:
             continue  # lint reports aliases nobody serves
         own = native[alias]
-        if budget_exceeded and own.kind == "openai":
-            target = native.get(policy.budget_fallback)
-            if target is not None:
-                rest = _ordered(policy, policy.budget_fallback, native, up, target)
-                decisions[alias] = Decision(
-                    alias, target, f"OpenAI monthly budget spent: served by {policy.budget_fallback}", rest
-                )
-                continue
-        if up(own):
+        if budget_exceeded and own.kind == "openai" and policy.budget_fallback in native:
+            decisions[alias] = _over_budget(policy, alias, native, up, usable)
+        elif up(own):
             decisions[alias] = Decision(alias, own, "primary healthy", _ordered(policy, alias, native, up, own))
-            continue
-        why = health[own.name].reason or "unhealthy"
-        for step in chain(policy, alias)[1:]:
-            candidate = native.get(step)
-            if candidate is not None and up(candidate):
-                decisions[alias] = Decision(
-                    alias,
-                    candidate,
-                    f"{own.name} down ({why}): served by {step}",
-                    _ordered(policy, alias, native, up, candidate),
-                )
-                break
         else:
-            decisions[alias] = Decision(alias, own, f"{own.name} down ({why}) and no healthy fallback; kept", (own,))
+            why = health[own.name].reason or "unhealthy"
+            decisions[alias] = _fallback(policy, own, native, up, usable, f"{own.name} down ({why})")
     return decisions
+
+
+def _over_budget(
+    policy: RoutingPolicy,
+    alias: str,
+    native: Mapping[str, Backend],
+    up: Callable[[Backend], bool],
+    usable: Callable[[Backend], bool],
+) -> Decision:
+    """An ``openai/*`` alias once the budget is spent: what serves ``budget_fallback``."""
+    via = policy.budget_fallback
+    why = f"OpenAI monthly budget spent: served by {via}"
+    for step in chain(policy, via):
+        b = native.get(step)
+        if b is not None and usable(b):
+            detail = "" if step == via else f" ({native[via].name} down: via {step})"
+            return Decision(alias, b, why + detail, _ordered(policy, via, native, up, b))
+    target = native[via]
+    return Decision(alias, target, f"{why}, which has no healthy backend; unavailable", (target,), available=False)
+
+
+def _fallback(
+    policy: RoutingPolicy,
+    own: Backend,
+    native: Mapping[str, Backend],
+    up: Callable[[Backend], bool],
+    usable: Callable[[Backend], bool],
+    down: str,
+) -> Decision:
+    """An alias whose own backend is down: the first usable entry of its chain, or unavailable."""
+    alias = own.alias
+    for step in chain(policy, alias)[1:]:
+        candidate = native.get(step)
+        if candidate is not None and usable(candidate):
+            return Decision(
+                alias, candidate, f"{down}: served by {step}", _ordered(policy, alias, native, up, candidate)
+            )
+    return Decision(alias, own, f"{down} and no healthy fallback; kept, unavailable", (own,), available=False)
 
 
 def _ordered(
