@@ -46,6 +46,7 @@ def test_a_healthy_backend_is_ready_with_its_load(backend: tuple[str, Path]) -> 
     assert health.load.running == 0 and health.load.waiting == 0 and health.load.idle
 
 
+@pytest.mark.slow  # waits on real probe timeouts
 @pytest.mark.parametrize(("mode", "failed"), [("hang", "health"), ("error", "health"), ("stall", "canary")])
 def test_a_hung_erroring_or_stalled_backend_is_not_ready_within_the_timeout(
     backend: tuple[str, Path], mode: str, failed: str

@@ -210,6 +210,7 @@ def check_budget_and_context(decisions: dict[str, Decision], cfg: dict[str, Any]
             assert context[alias][0] == policy.long_context_alias, alias
 
 
+@pytest.mark.slow  # property test (hypothesis): runs in CI
 @settings(max_examples=200, derandomize=True, deadline=None)
 @given(combo=combos, budget=st.booleans())
 def test_routing_properties_hold_for_every_health_drain_and_budget(

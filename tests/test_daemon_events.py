@@ -22,6 +22,9 @@ from agent.daemon.watch import EventWatcher, Timing
 from agent.testing.fakes import FakeEngine
 from tests.test_daemon_fake import A, B, Fleet, host_edit
 
+# A running scheduler and watcher thread, real debounce and backoff waits: ~2 s, run in CI.
+pytestmark = pytest.mark.slow
+
 
 def until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout

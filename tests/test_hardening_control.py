@@ -68,6 +68,7 @@ def test_bad_post_bodies_are_400_json(request_bytes: bytes, fragment: str, capfd
     _no_traceback(capfd)
 
 
+@pytest.mark.slow  # waits on a real socket timeout
 def test_a_body_that_never_comes_times_out_with_400(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -137,6 +138,7 @@ def test_a_failing_target_is_a_500_json_error(capfd: pytest.CaptureFixture[str])
     _no_traceback(capfd)
 
 
+@pytest.mark.slow  # waits on a real socket timeout
 def test_a_client_that_goes_away_leaves_no_traceback(capfd: pytest.CaptureFixture[str]) -> None:
     class Slow(StubTarget):
         def metrics(self) -> str:
