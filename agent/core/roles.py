@@ -10,14 +10,12 @@ gateway, or a model backend), so no code ever tests a role's name. Loading is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
 from agent.core.model import RoleKind, Strict
 from agent.core.yamlsrc import Document
-
-ConfigChangeAction = Literal["restart", "recreate"] | str
 
 
 class RoleFile(Strict):
