@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import structlog
 
 from agent.core.errors import ConfigError
 from agent.fleet.api import FleetApi
 from tests.controlkit import json_error, parse
+from tests.fleetkit import fleet_api
 from tests.test_fleet_report import BOOT_A, BOOT_B, NOW, report_data
 
 TOKENS = {"gpu-1": "tok-gpu-1-secret", "gpu-2": "tok-gpu-2-secret", "motoko": "tok-motoko-secret"}
@@ -30,18 +28,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@contextmanager
-def fleet_api(db: Path, clock: Clock | None = None) -> Iterator[FleetApi]:
-    structlog.reset_defaults()
-    api = FleetApi(db, TOKENS, clock=clock or Clock())
-    api.thread = threading.Thread(target=api.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    api.start()
-    try:
-        yield api
-    finally:
-        api.close()
 
 
 _client: list[httpx.Client] = []
@@ -84,7 +70,7 @@ def metric(api: FleetApi, line_start: str) -> float:
 
 def test_a_valid_report_is_accepted_and_shown_in_the_fleet_view(tmp_path: Path) -> None:
     clock = Clock()
-    with fleet_api(tmp_path / "fleet.sqlite", clock) as api:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS, clock) as api:
         r = post(api, report_data())
         assert r.status_code == 200, r.text
         assert r.json() == {"accepted": True, "host": "gpu-1", "boot_id": BOOT_A, "seq": 1}
@@ -106,7 +92,7 @@ def _accept_one(api: FleetApi) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def one_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetApi]:
     """One API for the refusal cases, holding gpu-1's report seq 5: no case may change it."""
-    with fleet_api(tmp_path_factory.mktemp("fleet") / "fleet.sqlite") as api:
+    with fleet_api(tmp_path_factory.mktemp("fleet") / "fleet.sqlite", TOKENS, Clock()) as api:
         _accept_one(api)
         yield api
 
@@ -165,7 +151,7 @@ def test_a_forged_or_broken_report_is_refused_and_changes_nothing(
 
 
 def test_a_10_mb_body_is_refused_413_from_its_headers_alone(tmp_path: Path) -> None:
-    with fleet_api(tmp_path / "fleet.sqlite") as api:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS, Clock()) as api:
         before = _accept_one(api)
         head = (
             "POST /v1/reports HTTP/1.1\r\nHost: motoko\r\nAuthorization: Bearer tok-gpu-1-secret\r\n"
@@ -185,11 +171,11 @@ def test_a_10_mb_body_is_refused_413_from_its_headers_alone(tmp_path: Path) -> N
 
 def test_a_restarted_api_has_the_state_back_and_still_refuses_a_replay(tmp_path: Path) -> None:
     db = tmp_path / "fleet.sqlite"
-    with fleet_api(db) as api:
+    with fleet_api(db, TOKENS, Clock()) as api:
         assert post(api, report_data(seq=1)).status_code == 200
         assert post(api, report_data(seq=2, stage="draining")).status_code == 200
         before = fleet(api)
-    with fleet_api(db) as api:
+    with fleet_api(db, TOKENS, Clock()) as api:
         assert fleet(api) == before
         assert host(api, "gpu-1")["stage"] == "draining" and host(api, "gpu-1")["reports"] == 2
         assert post(api, report_data(seq=2)).status_code == 409  # the replay rule survives too
@@ -200,7 +186,7 @@ def test_a_restarted_api_has_the_state_back_and_still_refuses_a_replay(tmp_path:
 
 def test_a_stored_report_this_agent_cannot_read_is_left_out_of_the_view(tmp_path: Path) -> None:
     db = tmp_path / "fleet.sqlite"
-    with fleet_api(db) as api:
+    with fleet_api(db, TOKENS, Clock()) as api:
         assert post(api, report_data()).status_code == 200
         with sqlite3.connect(db) as conn:  # as if stored by an agent with another schema
             conn.execute("UPDATE reports SET report = '{\"old\": 1}' WHERE host = 'gpu-1'")
@@ -210,14 +196,14 @@ def test_a_stored_report_this_agent_cannot_read_is_left_out_of_the_view(tmp_path
 
 def test_report_age_per_host_is_a_metric(tmp_path: Path) -> None:
     clock = Clock()
-    with fleet_api(tmp_path / "fleet.sqlite", clock) as api:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS, clock) as api:
         assert post(api, report_data()).status_code == 200
         clock.now += 12.5
         assert metric(api, 'llm_fleet_report_age_seconds{host="gpu-1"}') == 12.5
 
 
 def test_unknown_routes_are_404_json(tmp_path: Path) -> None:
-    with fleet_api(tmp_path / "fleet.sqlite") as api:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS, Clock()) as api:
         assert http().get(f"{api.url}/v1/nope").status_code == 404
         r = http().post(f"{api.url}/v1/fleet", content=b"{}")
         assert r.status_code == 404 and "error" in r.json()

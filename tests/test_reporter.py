@@ -21,6 +21,7 @@ from agent.core.gpu import GpuFacts
 from agent.core.health import BackendHealth, Check, Load, Stage
 from agent.fleet.api import FleetApi
 from agent.node.reporter import Reporter, ReportFields, build_report, judged
+from tests.fleetkit import fleet_api
 
 # Real sockets and real waits (intervals, backoff): ~3 s, so it runs with the slow tests in CI.
 pytestmark = pytest.mark.slow
@@ -37,17 +38,6 @@ def fields(stage: Stage = Stage.READY, commit: str = "0123abc") -> ReportFields:
     return ReportFields(
         role="gpu_node", stage=stage, commit=commit, health=READY, gpu=GPU, services={"vllm": "running"}
     )
-
-
-@contextmanager
-def fleet_api(db: Path, port: int = 0) -> Iterator[FleetApi]:
-    api = FleetApi(db, TOKENS, address=("127.0.0.1", port))
-    api.thread = threading.Thread(target=api.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    api.start()
-    try:
-        yield api
-    finally:
-        api.close()
 
 
 _sender: list[HttpxSender] = []
@@ -129,7 +119,7 @@ def test_backoff_doubles_up_to_its_cap_with_jitter_of_up_to_half() -> None:
 
 
 def test_reports_arrive_and_show_in_the_fleet_view(tmp_path: Path) -> None:
-    with fleet_api(tmp_path / "fleet.sqlite") as api, reporter(api.url) as r:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS) as api, reporter(api.url) as r:
         r.update(fields())
         until(lambda: r.delivered >= 2)  # the first at once, the next one interval later
         view = fleet_host(api)
@@ -139,7 +129,7 @@ def test_reports_arrive_and_show_in_the_fleet_view(tmp_path: Path) -> None:
 
 
 def test_changed_sends_within_a_fraction_of_the_interval(tmp_path: Path) -> None:
-    with fleet_api(tmp_path / "fleet.sqlite") as api, reporter(api.url, interval_s=5.0) as r:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS) as api, reporter(api.url, interval_s=5.0) as r:
         r.update(fields())
         until(lambda: r.delivered == 1)
         r.update(fields(Stage.DRAINING))
@@ -151,7 +141,7 @@ def test_changed_sends_within_a_fraction_of_the_interval(tmp_path: Path) -> None
 def test_while_motoko_is_down_only_the_newest_is_kept_and_delivered_once_it_is_back(tmp_path: Path) -> None:
     db = tmp_path / "fleet.sqlite"
     send = Counting()
-    with fleet_api(db) as api, reporter(api.url, send=send) as r:
+    with fleet_api(db, TOKENS) as api, reporter(api.url, send=send) as r:
         port = api.address[1]
         r.update(fields(commit="1111111"))
         until(lambda: r.delivered == 1)
@@ -162,7 +152,7 @@ def test_while_motoko_is_down_only_the_newest_is_kept_and_delivered_once_it_is_b
         r.update(fields(Stage.DRAINING, commit="2222222"))
         time.sleep(0.3)  # backoff 20, 40, 80, 100, 100 ms (jittered): a handful of tries
         failed_at = len(send.results)
-        with fleet_api(db, port=port) as back:  # motoko back on the same port and database
+        with fleet_api(db, TOKENS, port=port) as back:  # motoko back on the same port and database
             until(lambda: fleet_host(back)["commit"] == "2222222")
             view = fleet_host(back)
     unreachable = [s for s in send.results if s.status is None]
@@ -172,17 +162,17 @@ def test_while_motoko_is_down_only_the_newest_is_kept_and_delivered_once_it_is_b
 
 
 def test_a_new_motoko_address_takes_effect_at_the_next_attempt(tmp_path: Path) -> None:
-    with fleet_api(tmp_path / "a.sqlite") as old, reporter(old.url) as r:
+    with fleet_api(tmp_path / "a.sqlite", TOKENS) as old, reporter(old.url) as r:
         r.update(fields())
         until(lambda: r.delivered == 1)
-        with fleet_api(tmp_path / "b.sqlite") as new:
+        with fleet_api(tmp_path / "b.sqlite", TOKENS) as new:
             r.set_url(new.url)
             until(lambda: fleet_host(new)["reported"])
 
 
 def test_a_wrong_token_is_refused_logged_once_and_not_retried_in_a_tight_loop(tmp_path: Path) -> None:
     send = Counting()
-    with capture_logs() as logs, fleet_api(tmp_path / "fleet.sqlite") as api:
+    with capture_logs() as logs, fleet_api(tmp_path / "fleet.sqlite", TOKENS) as api:
         with reporter(api.url, token="tok-wrong", send=send, interval_s=0.1, max_backoff_s=0.01) as r:
             r.update(fields())
             for _ in range(15):
@@ -198,7 +188,7 @@ def test_a_wrong_token_is_refused_logged_once_and_not_retried_in_a_tight_loop(tm
 
 
 def test_a_rotated_token_is_used_at_once(tmp_path: Path) -> None:
-    with fleet_api(tmp_path / "fleet.sqlite") as api, reporter(api.url, token="tok-old", interval_s=5.0) as r:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS) as api, reporter(api.url, token="tok-old", interval_s=5.0) as r:
         r.update(fields())
         until(lambda: r.last_result is not None and r.last_result.status == 401)
         r.set_token("tok-gpu-1-secret")
@@ -253,7 +243,7 @@ def test_update_never_blocks_while_motoko_hangs_and_stop_is_prompt(hung_server: 
 
 
 def test_stop_is_prompt_while_waiting_for_the_next_interval(tmp_path: Path) -> None:
-    with fleet_api(tmp_path / "fleet.sqlite") as api:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS) as api:
         r = Reporter(api.url, "gpu-1", "tok-gpu-1-secret", interval_s=60, send=Counting(), debounce_s=0.0)
         r.start()
         r.update(fields())
@@ -265,7 +255,7 @@ def test_stop_is_prompt_while_waiting_for_the_next_interval(tmp_path: Path) -> N
 
 def test_each_run_draws_its_own_boot_id_and_its_seq_grows(tmp_path: Path) -> None:
     structlog.reset_defaults()
-    with fleet_api(tmp_path / "fleet.sqlite") as api:
+    with fleet_api(tmp_path / "fleet.sqlite", TOKENS) as api:
         with reporter(api.url) as first:
             first.update(fields())
             until(lambda: first.delivered == 2)
@@ -280,7 +270,7 @@ def test_each_run_draws_its_own_boot_id_and_its_seq_grows(tmp_path: Path) -> Non
 def test_fields_motoko_would_refuse_are_logged_once_and_reporting_goes_on(tmp_path: Path) -> None:
     send = Counting()
     db = tmp_path / "fleet.sqlite"
-    with capture_logs() as logs, fleet_api(db) as api, reporter(api.url, send=send, interval_s=0.05) as r:
+    with capture_logs() as logs, fleet_api(db, TOKENS) as api, reporter(api.url, send=send, interval_s=0.05) as r:
         r.update(ReportFields(role="", stage=Stage.READY))
         until(lambda: r.attempts >= 2)
         assert send.results == []  # never sent

@@ -236,11 +236,11 @@ def _over_budget(
     """An ``openai/*`` alias once the budget is spent: what serves ``budget_fallback``."""
     via = policy.budget_fallback
     why = f"OpenAI monthly budget spent: served by {via}"
-    for step in chain(policy, via):
-        b = native.get(step)
-        if b is not None and usable(b):
-            detail = "" if step == via else f" ({native[via].name} down: via {step})"
-            return Decision(alias, b, why + detail, _ordered(policy, via, native, up, b))
+    found = _first_usable(chain(policy, via), native, usable)
+    if found is not None:
+        step, b = found
+        detail = "" if step == via else f" ({native[via].name} down: via {step})"
+        return Decision(alias, b, why + detail, _ordered(policy, via, native, up, b))
     target = native[via]
     return Decision(alias, target, f"{why}, which has no healthy backend; unavailable", (target,), available=False)
 
@@ -255,13 +255,22 @@ def _fallback(
 ) -> Decision:
     """An alias whose own backend is down: the first usable entry of its chain, or unavailable."""
     alias = own.alias
-    for step in chain(policy, alias)[1:]:
-        candidate = native.get(step)
-        if candidate is not None and usable(candidate):
-            return Decision(
-                alias, candidate, f"{down}: served by {step}", _ordered(policy, alias, native, up, candidate)
-            )
+    found = _first_usable(chain(policy, alias)[1:], native, usable)
+    if found is not None:
+        step, candidate = found
+        return Decision(alias, candidate, f"{down}: served by {step}", _ordered(policy, alias, native, up, candidate))
     return Decision(alias, own, f"{down} and no healthy fallback; kept, unavailable", (own,), available=False)
+
+
+def _first_usable(
+    steps: list[str], native: Mapping[str, Backend], usable: Callable[[Backend], bool]
+) -> tuple[str, Backend] | None:
+    """The first alias of ``steps`` whose backend can serve, with that backend."""
+    for step in steps:
+        b = native.get(step)
+        if b is not None and usable(b):
+            return step, b
+    return None
 
 
 def _ordered(
