@@ -14,7 +14,7 @@ import pytest
 from agent.adapters.systemd import Notifier
 from agent.core.errors import EngineError
 from agent.core.outcomes import Failure, PassOutcome
-from agent.daemon.service import Daemon, set_pause
+from agent.daemon.service import NO_DUTIES, Daemon, set_pause
 from agent.node.settings import Settings
 from agent.testing.fakes import FakeClock, FakeContainer, FakeEngine, FakeSource
 from tests.conftest import DEMO_IDENTITY
@@ -44,6 +44,7 @@ class Fleet:
             engine_factory=lambda: self.engine,
             source=self.source,
             clock=self.clock,
+            duties=NO_DUTIES,
         )
 
     def push(self, commit: str, edit: Callable[[Path], None] | None = None) -> None:

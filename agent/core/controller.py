@@ -150,6 +150,14 @@ class Controller:
             self.states[name] = state
         return self._damped(now)
 
+    def adopt(self, old: Controller) -> None:
+        """Carry over what ``old`` knew of the backends this one routes (a new commit's policy
+        or targets must not put an out backend back in, nor reload what is already applied)."""
+        for name in self.states:
+            if name in old.states:
+                self.states[name] = old.states[name]
+        self._applied = old._applied & set(self.states)
+
     def out(self) -> frozenset[str]:
         return frozenset(n for n, s in self.states.items() if not s.in_routing)
 

@@ -36,3 +36,14 @@ class DesiredState:
         """The host fleet.yaml names as the gateway, if it is one."""
         host = self.hosts.get(self.fleet.motoko)
         return host if host is not None and host.kind == "gateway" else None
+
+    def motoko_url(self) -> str | None:
+        """Where node agents report: ``fleet.yaml``'s ``motoko_url``, else the gateway's address
+        and fleet API port; ``None`` without a gateway."""
+        if self.fleet.motoko_url:
+            return self.fleet.motoko_url
+        gw = self.gateway()
+        if gw is None:
+            return None
+        port = getattr(gw.vars, "fleet_api_port", None)
+        return f"http://{gw.address}:{port}" if port else None

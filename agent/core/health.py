@@ -65,6 +65,11 @@ class BackendHealth(BaseModel):
     checks: tuple[Check, ...] = ()
     load: Load = Load()
 
+    @classmethod
+    def failed(cls, why: str) -> BackendHealth:
+        """A probe that could not run at all (counted as a failed probe)."""
+        return cls(checks=(Check(name="health", ok=False, detail=why),))
+
     @property
     def ready(self) -> bool:
         required = {c.name: c.ok for c in self.checks if c.name in ("health", "models", "canary")}

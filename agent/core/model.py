@@ -242,6 +242,14 @@ class RoutingPolicy(Strict):
     long_context_over_budget: bool = False
     #: Which alias serves ``openai/*`` once the monthly budget is spent.
     budget_fallback: str = Field("local/chat", pattern=ALIAS_RE)
+    #: Seconds between the motoko agent's own probes of every local backend (health, model
+    #: list, a one-token streamed canary): what takes a dead, hung or stalled backend out of
+    #: routing (``failure_threshold`` failures in a row) and puts it back (2 good probes).
+    watch_interval_s: float = Field(2.0, ge=0.5, le=600)
+    #: Timeout of each of those probes, seconds: a hang or a stall fails within it.
+    watch_timeout_s: float = Field(2.0, ge=0.2, le=600)
+    #: Routing changes within this many seconds are batched into one reload (flap damping).
+    damping_s: float = Field(2.0, ge=0, le=600)
 
     @property
     def request_timeout_s(self) -> float:
@@ -271,8 +279,12 @@ class Fleet(Strict):
 
     #: Name of the host (a file in ``hosts/``) that runs the gateway.
     motoko: str = Field("motoko", pattern=HOST_NAME_RE)
-    #: Where node agents report to (the fleet API on motoko); None: derived from motoko's address.
+    #: Where node agents report to (the fleet API on motoko); None: derived from motoko's
+    #: address and ``fleet_api_port``.
     motoko_url: HttpUrlStr | None = None
+    #: Seconds between a node agent's reports to motoko (and at once on a change); a report
+    #: older than three intervals is stale and takes that host's backend out of routing.
+    report_interval_s: float = Field(10.0, ge=1, le=3600)
     openai_strong_model: str = "gpt-4.1-mini"
     openai_cheap_model: str = "gpt-4o-mini"
     openai_budget_monthly_usd: float = Field(150, ge=0, le=1_000_000_000)
@@ -328,6 +340,9 @@ class GpuNodeVars(Strict):
     #: vLLM wants unlimited memlock and a large stack; hosts that may not raise them set {}.
     ulimits: dict[str, Ulimit] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
+    #: This host's own credential for reporting to motoko's fleet API (a secret); None: the
+    #: host does not report, and motoko routes by its own probes alone.
+    report_token: SecretRef | None = None
 
     @field_validator("serves")
     @classmethod
@@ -412,6 +427,9 @@ class MotokoVars(Strict):
     embed_base_url: ApiBaseStr
     embed_model: str
     embed_max_input_tokens: Tokens
+    #: The fleet API (node reports, fleet view) served by the motoko agent itself.
+    fleet_api_port: Port = 8300
+    fleet_api_bind: Annotated[str, BeforeValidator(_ipv4)] = "0.0.0.0"
     #: Extra ``router_settings`` merged into the generated LiteLLM config (linted).
     litellm_router_settings_extra: RouterSettingsExtra = Field(default_factory=RouterSettingsExtra)
 

@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,11 @@ from agent.core.ports import Clock, DesiredSource, Engine, SystemClock
 from agent.core.redact import Redactor
 from agent.core.rendered import project_name
 from agent.daemon.control import ControlServer
+from agent.daemon.gateway import GatewayDuty
 from agent.daemon.metrics import Metrics
+from agent.daemon.node import NodeDuty
 from agent.daemon.watch import EventWatcher, Timing
+from agent.desired.load import load_desired
 from agent.node.reconcile import PassOptions, PassResult, reconcile_once
 from agent.node.settings import Settings
 from agent.node.state import AgentState, Pause, StateStore, now
@@ -81,6 +85,18 @@ def docker_engine() -> Engine:
     return DockerEngine()
 
 
+@dataclass(frozen=True)
+class Duties:
+    """Makers of the fleet duties by role kind; ``None``: that duty is off."""
+
+    gateway: Callable[[Settings, Redactor, Callable[[], object]], GatewayDuty] | None = GatewayDuty
+    node: Callable[[Settings, Redactor], NodeDuty] | None = NodeDuty
+
+
+#: No fleet duty at all (the daemon's own rules under test).
+NO_DUTIES = Duties(gateway=None, node=None)
+
+
 class Daemon:
     #: a burst of container events within this many seconds asks for one pass
     event_debounce_s = 0.5
@@ -96,8 +112,11 @@ class Daemon:
         engine_factory: EngineFactory = docker_engine,
         source: DesiredSource | None = None,
         clock: Clock | None = None,
+        duties: Duties | None = None,
     ) -> None:
         self.settings = settings
+        #: how the fleet duties are made (``None`` in a test: no fleet API, probes nor reports)
+        self.duties = Duties() if duties is None else duties
         self.store = StateStore(settings.state_dir)
         self.redactor = redactor or Redactor()
         self.notifier = notifier or Notifier()
@@ -117,6 +136,11 @@ class Daemon:
         self.desired_commit: str | None = None
         self.prom = Metrics(paused=lambda: self.store.load().paused is not None)
         self.scheduler = BackgroundScheduler(timezone=UTC)
+        #: fleet duties by the kind of this host's role: the gateway's fleet API and routing
+        #: loop, or a backend's health reports (started after the first good pass)
+        self.gateway: GatewayDuty | None = None
+        self.node: NodeDuty | None = None
+        self._kind: tuple[str, str] | None = None  # (commit, kind of this host's role)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,9 +165,16 @@ class Daemon:
                 watcher.close()
                 self.scheduler.shutdown(wait=True)
                 server.close()
-                if self._engine is not None:
-                    self._engine.close()
+                self.close()
         return 0
+
+    def close(self) -> None:
+        """Stop the fleet duties and drop the engine connection (the end of ``run``)."""
+        for duty in (self.gateway, self.node):
+            if duty is not None:
+                duty.close()
+        self.gateway = self.node = None
+        self._drop_engine()
 
     def start_watching(self) -> EventWatcher:
         """Watch the engine's events for this host's containers (see ``agent.daemon.watch``)."""
@@ -252,7 +283,27 @@ class Daemon:
         if result.failure is Failure.ENGINE_UNAVAILABLE:
             self._drop_engine()
         self._report(result)
+        if result.error is None:
+            self._fleet_duties(checkout.path, checkout.commit, result, engine)
         return result
+
+    def _fleet_duties(self, path: Path, commit: str, result: PassResult, engine: Engine) -> None:
+        """After a good pass: the gateway's or the backend's fleet duty, by the role's kind."""
+        try:
+            kind = self._host_kind(path, commit)
+            if kind == "gateway" and self.duties.gateway is not None:
+                self.gateway = self.gateway or self.duties.gateway(self.settings, self.redactor, self.trigger)
+                self.gateway.after_pass(path, commit, result, engine)
+            elif kind == "backend" and self.duties.node is not None:
+                self.node = self.node or self.duties.node(self.settings, self.redactor)
+                self.node.after_pass(path, commit, result, engine)
+        except (AgentError, OSError) as exc:
+            log.error("fleet duty failed", error=self.redactor.scrub(str(exc)))
+
+    def _host_kind(self, path: Path, commit: str) -> str:
+        if self._kind is None or self._kind[0] != commit:
+            self._kind = (commit, load_desired(path).host(self.settings.host).kind)
+        return self._kind[1]
 
     def _connect(self) -> Engine | PassResult:
         if self._engine is None:
@@ -276,6 +327,7 @@ class Daemon:
             run_id=run_id,
             stopping=self.stop_event.is_set,
             record=record,
+            health=self.gateway.health() if self.gateway is not None else None,
         )
         result = reconcile_once(self.settings, engine, repo=path, commit=commit, options=options, clock=self.clock)
         if result.error:
@@ -345,6 +397,10 @@ class Daemon:
             if self.last.routing:
                 out["routing"] = self.last.routing
                 out["fleet"] = {}
+        if self.gateway is not None:
+            out.update(self.gateway.status())
+        if self.node is not None:
+            out["backend"] = self.node.status()
         return out
 
     def metrics(self) -> str:

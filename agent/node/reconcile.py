@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import secrets as pysecrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from agent.core.plan import Action, container_name, pending, plan
 from agent.core.ports import Clock, Engine, SystemClock
 from agent.core.redact import scrub
 from agent.core.rendered import RenderedStack, project_name
+from agent.core.routing import Health
 from agent.core.stack import StackFile, StackSpec
 from agent.desired.load import load_desired
 from agent.desired.render import render_host
@@ -114,6 +115,9 @@ class PassOptions:
     stopping: Callable[[], bool] = lambda: False
     #: False: apply without recording the run (healing on the last good commit)
     record: bool = True
+    #: On the gateway: backend health to route by (the motoko agent's routing loop); None:
+    #: every backend counts as healthy.
+    health: Mapping[str, Health] | None = None
 
 
 def fingerprint(rendered: RenderedStack) -> str:
@@ -242,7 +246,12 @@ class Pass:
     def render(self) -> tuple[RenderedStack, dict[str, str], dict[str, int]]:
         desired = load_desired(self.repo)
         rendered = render_host(
-            desired, self.settings.host, self.resolver, reveal=True, prefix=self.settings.project_prefix
+            desired,
+            self.settings.host,
+            self.resolver,
+            reveal=True,
+            prefix=self.settings.project_prefix,
+            health=self.options.health,
         )
         # What LiteLLM would silently accept (or die on at SIGHUP) never reaches the host.
         errors = [p for p in lint_fleet(desired) + lint_stack(desired, rendered) if p.severity == "error"]

@@ -1,0 +1,99 @@
+"""What the LiteLLM proxy on this host serves, over its HTTP API (httpx).
+
+After a routing reload the agent checks that the proxy really serves the new routing: every
+deployment of the config carries a ``model_info.id`` (``<alias>@<backend>``), and
+``GET /v1/model/info`` lists the ids the proxy's router holds. Under gunicorn an old worker
+may answer for a moment after SIGHUP, so ``wait_serving`` asks until the answer matches (or
+the deadline passes). Every httpx error is mapped here to "not answered"; nothing escapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Set
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import yaml
+
+
+@dataclass(frozen=True)
+class Serving:
+    ok: bool
+    detail: str
+    seconds: float
+
+
+def config_ids(config_text: str) -> frozenset[str]:
+    """The deployment ids a LiteLLM config declares."""
+    try:
+        data = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return frozenset()
+    models = data.get("model_list", []) if isinstance(data, dict) else []
+    return frozenset(
+        str(m["model_info"]["id"])
+        for m in models
+        if isinstance(m, dict) and isinstance(m.get("model_info"), dict) and "id" in m["model_info"]
+    )
+
+
+def served_ids(url: str, key: str, timeout_s: float = 5.0, client: httpx.Client | None = None) -> frozenset[str] | None:
+    """The deployment ids the proxy serves now; ``None`` when it does not answer."""
+    http = client or httpx.Client(timeout=timeout_s, trust_env=False)
+    try:
+        r = http.get(f"{url.rstrip('/')}/v1/model/info", headers={"Authorization": f"Bearer {key}"})
+        if r.status_code != 200:
+            return None
+        data: Any = r.json().get("data", [])
+        return frozenset(
+            str(m["model_info"]["id"])
+            for m in data
+            if isinstance(m, dict) and isinstance(m.get("model_info"), dict) and "id" in m["model_info"]
+        )
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    finally:
+        if client is None:
+            http.close()
+
+
+def ready(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{url.rstrip('/')}/health/readiness", timeout=timeout_s, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_serving(
+    url: str,
+    key: str,
+    expected: Set[str],
+    deadline_s: float,
+    *,
+    agreeing: int = 3,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Serving:
+    """Ask until ``agreeing`` answers in a row list exactly ``expected`` (one old worker's
+    answer is not enough to say the reload is done), or the deadline passes."""
+    began = time.monotonic()
+    streak, last = 0, "no answer"
+    with httpx.Client(timeout=2.0, trust_env=False) as http:
+        while time.monotonic() - began < deadline_s:
+            ids = served_ids(url, key, client=http)
+            if ids is not None and ids == expected:
+                streak += 1
+                if streak >= agreeing:
+                    return Serving(True, "serving the new routing", time.monotonic() - began)
+            else:
+                streak = 0
+                last = "no answer" if ids is None else _diff(expected, ids)
+            sleep(0.1)
+    return Serving(False, last, time.monotonic() - began)
+
+
+def _diff(expected: Set[str], ids: Set[str]) -> str:
+    missing, extra = sorted(expected - ids), sorted(ids - expected)
+    parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"still {', '.join(extra)}"] if extra else [])
+    return "; ".join(parts) or "same"

@@ -1,0 +1,163 @@
+"""The motoko agent's fleet duties, next to its reconcile passes.
+
+- the fleet API (``agent.fleet.api``): node reports in, the fleet view out; its tokens are the
+  hosts' ``report_token`` secrets of the commit last applied, so a rotation is a push;
+- the routing loop (``agent.fleet.prober``): probes every local backend every 2 s; when the
+  health map in effect changes it asks the daemon for a pass, which renders the proxy config
+  with that health and reloads the proxy in place (SIGHUP; never a restart);
+- after every pass that reloaded the proxy: a check that the proxy serves exactly the
+  deployments of the config now on disk (``agent.adapters.proxy``); a proxy that is not even
+  ready by the deadline is restarted (gunicorn can freeze while it starts workers).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.adapters import proxy
+from agent.adapters.secrets import SecretResolver
+from agent.core.errors import AgentError
+from agent.core.outcomes import ActionKind
+from agent.core.ports import Engine
+from agent.core.redact import Redactor
+from agent.core.routing import Health
+from agent.fleet.api import FleetApi
+from agent.fleet.gateway import GatewayView
+from agent.fleet.prober import ProbeFn, RoutingLoop, http_probe
+from agent.node.reconcile import PassResult
+from agent.node.settings import Settings
+from agent.node.state import StateStore
+
+log = structlog.get_logger("agent.gateway")
+
+#: How long a reloaded proxy has to serve the new routing before it is checked for readiness.
+SERVE_DEADLINE_S = 30.0
+
+
+class GatewayDuty:
+    def __init__(
+        self,
+        settings: Settings,
+        redactor: Redactor,
+        trigger: Callable[[], object],
+        *,
+        probe: ProbeFn = http_probe,
+        serve_deadline_s: float = SERVE_DEADLINE_S,
+    ) -> None:
+        self.settings = settings
+        self.redactor = redactor
+        self.trigger = trigger
+        self.probe = probe
+        self.serve_deadline_s = serve_deadline_s
+        self.view: GatewayView | None = None
+        self.api: FleetApi | None = None
+        self.loop: RoutingLoop | None = None
+        self.last_check: dict[str, Any] | None = None
+        self.reloads = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ after each pass
+
+    def after_pass(self, path: Path, commit: str, result: PassResult, engine: Engine) -> None:
+        if self.view is None or self.view.commit != commit:
+            self._load(path, commit)
+        if self.view is not None and result.applied is not None:
+            self._check_reload(result, engine, self.view)
+
+    def _load(self, path: Path, commit: str) -> None:
+        s = self.settings
+        resolver = SecretResolver.for_repo(path, s.secrets_file, s.identity_file, self.redactor.add)
+        try:
+            view = GatewayView.load(path, commit, s.host, resolver)
+        except AgentError as exc:
+            log.error("fleet settings unusable; keeping the previous ones", error=self.redactor.scrub(str(exc)))
+            return
+        with self._lock:
+            self.view = view
+            self._serve_api(view)
+            if self.loop is None:
+                self.loop = RoutingLoop(view, self._changed, self.api.store if self.api else None, self.probe).start()
+            else:
+                self.loop.set_view(view)
+
+    def _serve_api(self, view: GatewayView) -> None:
+        if self.api is not None and self.api.address[1] != view.api_address[1]:
+            self.api.close()
+            self.api = None
+        if self.api is None:
+            try:
+                self.api = FleetApi(self.settings.state_dir / "fleet.db", view.tokens, view.api_address)
+            except (OSError, AgentError) as exc:
+                log.error(
+                    "fleet API cannot listen", address=f"{view.api_address[0]}:{view.api_address[1]}", error=str(exc)
+                )
+                return
+            self.api.start()
+            log.info("fleet API listening", url=self.api.url, hosts=sorted(view.tokens))
+        else:
+            try:
+                self.api.set_tokens(view.tokens)
+            except AgentError as exc:
+                log.error("report tokens not changed", error=str(exc))
+
+    def _changed(self, health: dict[str, Health]) -> None:
+        """The routing loop's verdict changed: a pass renders and reloads with it."""
+        self.trigger()
+
+    def health(self) -> dict[str, Health] | None:
+        return self.loop.health() if self.loop is not None else None
+
+    # ------------------------------------------------------------------ after a reload
+
+    def _check_reload(self, result: PassResult, engine: Engine, view: GatewayView) -> None:
+        outcomes = result.applied.changed() if result.applied else []
+        reloads = [o.action for o in outcomes if o.action.kind is ActionKind.RELOAD]
+        if not reloads or not result.project:
+            return
+        self.reloads += 1
+        config = self._config_on_disk(result.project, view.proxy_config)
+        if config is None:
+            return
+        expected = proxy.config_ids(config)
+        check = proxy.wait_serving(view.proxy_url, view.master_key, expected, self.serve_deadline_s)
+        self.last_check = {"ok": check.ok, "detail": check.detail, "seconds": round(check.seconds, 2)}
+        if check.ok:
+            log.info("proxy serves the new routing", seconds=round(check.seconds, 2))
+            return
+        log.error("proxy does not serve the new routing", detail=check.detail)
+        if not proxy.ready(view.proxy_url):
+            for action in reloads:
+                if action.container:
+                    log.warning("proxy not ready after its reload; restarting it", service=action.target)
+                    engine.restart(action.container)
+
+    def _config_on_disk(self, project: str, relative: str) -> str | None:
+        stack_dir = StateStore(self.settings.state_dir).stack_dir(project)
+        try:
+            return (stack_dir / relative).read_text(encoding="utf-8")
+        except OSError:
+            return None
+
+    # ------------------------------------------------------------------ status, shutdown
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.api is not None:
+            out["fleet"] = self.api.fleet()["hosts"]
+            out["fleet_api"] = self.api.url
+        if self.loop is not None:
+            out["routing_state"] = self.loop.snapshot()
+        if self.last_check is not None:
+            out["last_reload_check"] = self.last_check
+        return out
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+        if self.api is not None:
+            self.api.close()
