@@ -52,11 +52,18 @@ class Proc:
 
 
 def start_fake(
-    tmp: Path, name: str, served: str, extra: list[str] | None = None, env: dict[str, str] | None = None
+    tmp: Path,
+    name: str,
+    served: str,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Proc:
-    port = free_port()
+    """A fake vLLM on ``port`` (default: a free one); started again on the same port, it is the
+    backend coming back."""
+    port = port or free_port()
     log = tmp / f"fake-{name}.log"
-    with log.open("wb") as fh:  # the child keeps its own copy of the descriptor
+    with log.open("ab") as fh:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             [
                 sys.executable,

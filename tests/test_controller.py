@@ -116,37 +116,58 @@ def fail(reason: str = "refused") -> Probe:
     return Probe(False, reason)
 
 
-def test_changes_within_the_window_come_out_as_one_health_map() -> None:
+def test_a_backend_newly_out_is_taken_out_at_once() -> None:
     c = Controller(POLICY, NAMES, window_s=2.0)
     ok = {n: Probe(True) for n in NAMES}
     assert c.step(0.0, ok) is None, "nothing changed: no reload"
     for t in (1.0, 2.0):
         assert c.step(t, {"armitage": fail()}) is None
-    assert c.step(3.0, {"armitage": fail(), "wintermute": Probe(True, report=ReportState.STALE)}) is None, (
-        "window opens"
+    health = c.step(3.0, {"armitage": fail()})
+    assert health is not None and not health["armitage"].healthy, "third failure: out now, no window"
+    assert c.step(3.5, {"armitage": fail()}) is None, "applied: no second reload for the same routing"
+
+
+def test_changes_right_after_a_reload_come_out_as_one_health_map() -> None:
+    c = Controller(POLICY, NAMES, window_s=2.0)
+    health = c.step(0.0, {"armitage": Probe(True, report=ReportState.STALE)})
+    assert health is not None and not health["armitage"].healthy
+    assert c.step(0.5, {"wintermute": Probe(True, report=ReportState.STALE)}) is None, "within 2 s of a reload"
+    assert c.step(1.0, {"wintermute": Probe(True, report=ReportState.STALE)}) is None
+    assert c.step(1.9, {}) is None, "still within 2 s of the last reload"
+    health = c.step(2.0, {})
+    assert health is not None and not health["armitage"].healthy and not health["wintermute"].healthy, (
+        "2 s after the last reload: the batch comes out"
     )
-    assert c.step(4.0, {"armitage": fail()}) is None, "within the window"
-    health = c.step(5.0, {})
-    assert health is not None and not health["armitage"].healthy and not health["wintermute"].healthy
     assert health["openai-strong"].healthy
-    assert c.step(6.0, {"armitage": fail()}) is None, "applied: no second reload for the same routing"
 
 
 def test_a_flap_undone_within_the_window_is_no_reload() -> None:
     c = Controller(POLICY, NAMES, window_s=2.0)
-    assert c.step(0.0, {"armitage": Probe(True, report=ReportState.UNHEALTHY)}) is None
-    assert c.step(0.5, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
-    assert c.step(1.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None, "back in within the window"
-    assert c.step(5.0, {}) is None
-    assert not any(c.step(t, {}) for t in (6.0, 7.0))
-    # A new change opens a new window: the undone flap's window does not count.
-    assert c.step(8.0, {"armitage": Probe(True, report=ReportState.UNHEALTHY)}) is None
-    assert c.step(8.5, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
-    assert c.step(9.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
-    assert c.step(9.5, {"armitage": Probe(True, report=ReportState.STALE)}) is None, "opens at 9.5"
-    assert c.step(10.5, {}) is None, "not 2 s after 8.0's window: that one closed empty"
-    health = c.step(11.5, {})
-    assert health is not None and not health["armitage"].healthy
+    assert c.step(0.0, {"armitage": Probe(True, report=ReportState.UNHEALTHY)}) is not None, "out at once"
+    # Back in after two good probes: that waits for a window...
+    assert c.step(10.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
+    assert c.step(10.5, {"armitage": Probe(True, report=ReportState.FRESH)}) is None, "in: window opens"
+    # ...and out again within it: the flap is undone, nothing to reload.
+    assert c.step(11.0, {"armitage": Probe(True, report=ReportState.UNHEALTHY)}) is None
+    assert not any(c.step(t, {}) for t in (12.0, 13.0, 20.0))
+    # Back in for good: one reload when its window closes.
+    assert c.step(21.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
+    assert c.step(21.5, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
+    assert c.step(22.5, {}) is None
+    health = c.step(23.5, {})
+    assert health is not None and health["armitage"].healthy
+
+
+def test_a_flapping_backend_costs_at_most_one_reload_per_window() -> None:
+    c = Controller(POLICY, NAMES, window_s=2.0)
+    reloads = []
+    for i in range(40):  # out, in, out, in... every 0.5 s for 20 s
+        t = i * 0.5
+        report = ReportState.UNHEALTHY if (i // 3) % 2 else ReportState.FRESH
+        if c.step(t, {"armitage": Probe(True, report=report)}) is not None:
+            reloads.append(t)
+    gaps = [b - a for a, b in zip(reloads, reloads[1:], strict=False)]
+    assert reloads and all(g >= 2.0 for g in gaps), reloads
 
 
 # --------------------------------------------------------------------------- properties

@@ -32,6 +32,7 @@ def start_stack(
     openai: bool = False,
     budget: str = "0.000001",
     fake_env: dict[str, dict[str, str]] | None = None,
+    gunicorn: bool = False,
 ) -> dict[str, Proc]:
     """The fakes and the proxy on the config ``agent render`` writes; ``fake_env``: extra
     environment per fake (e.g. ``FAKE_MODE_FILE``); ``budget``: the monthly OpenAI budget."""
@@ -67,7 +68,7 @@ openai_api_base: http://127.0.0.1:{procs["openai"].port}/v1""",
     env = parse_env_file((out / "litellm.env").read_text())
     env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_port))  # in the stack: the redis service
     try:
-        procs["proxy"] = start_proxy(tmp_path, out / "config" / "config.yaml", env)
+        procs["proxy"] = start_proxy(tmp_path, out / "config" / "config.yaml", env, gunicorn=gunicorn)
     except BaseException:
         for p in procs.values():
             p.stop()

@@ -28,11 +28,13 @@ def probe_backend(
         if not health.ok:  # one timeout is enough: a probe round stays within its bound
             skipped = [Check(name=n, ok=False, detail="not tried: /health failed") for n in ("models", "canary")]
             return BackendHealth(checks=(health, *skipped))
-        checks = [
-            health,
-            _check("models", lambda: _models(http, api_base, served_name)),
-            _check("canary", lambda: _canary(http, api_base, served_name, timeout_s)),
-        ]
+        models = _check("models", lambda: _models(http, api_base, served_name))
+        canary = (
+            _check("canary", lambda: _canary(http, api_base, served_name, timeout_s))
+            if models.ok  # a stalled API costs one timeout, not two: the round stays short
+            else Check(name="canary", ok=False, detail="not tried: /v1/models failed")
+        )
+        checks = [health, models, canary]
         load = Load()
         metrics = _check("metrics", lambda: _metrics(http, root))
         if metrics.ok:

@@ -8,10 +8,13 @@ reports; this module turns what they saw into routing, with no I/O:
   report (stale: older than ``STALE_AFTER_INTERVALS`` report intervals), or when drained. It
   comes back *in* only after ``RECOVER_AFTER`` consecutive good probes with a fresh healthy
   report (or none, where the backend has no node agent reporting for it) and no drain.
-- ``Controller.step``: feeds probes through ``observe`` and damps flapping: a change of who
-  is in or out opens a window of ``window_s`` seconds; whatever changed within it comes out
-  as one health map (one reload) when the window closes, and a change undone within the
-  window comes out as nothing at all.
+- ``Controller.step``: feeds probes through ``observe`` and damps flapping. A backend newly
+  out is taken out at once (it is costing requests) unless a reload happened less than
+  ``window_s`` seconds ago; every other change (a backend back in, a second one out right
+  after a reload) opens a window of ``window_s`` seconds and comes out, with whatever else
+  changed within it, as one health map (one reload) when the window closes. A change undone
+  within its window comes out as nothing at all. So a flapping backend costs at most one
+  reload per window.
 - ``effective_config``: the decisions and the config text for a set of states: deterministic
   (same input, byte-identical text: sorted keys, no timestamps, no reasons).
 """
@@ -136,6 +139,7 @@ class Controller:
         self.states: dict[str, BackendState] = {n: BackendState(n) for n in names}
         self._applied: frozenset[str] = frozenset()  # out in the config in effect (all in at first)
         self._opened: float | None = None  # when the current batch window opened
+        self._emitted: float | None = None  # when the last health map came out
 
     def step(self, now: float, probes: Mapping[str, Probe], drains: Set[str] = frozenset()) -> dict[str, Health] | None:
         """Take a round of probes (backends not probed keep their state; call with none to
@@ -165,14 +169,17 @@ class Controller:
         return {n: self.states[n].health for n in sorted(self.states)}
 
     def _damped(self, now: float) -> dict[str, Health] | None:
-        if self.out() == self._applied:
+        out = self.out()
+        if out == self._applied:
             self._opened = None  # nothing changed, or a change undone within the window
             return None
         if self._opened is None:
             self._opened = now
-        if now - self._opened < self.window_s:
+        quiet = self._emitted is None or now - self._emitted >= self.window_s
+        urgent = bool(out - self._applied) and quiet
+        if not urgent and now - self._opened < self.window_s:
             return None
-        self._applied, self._opened = self.out(), None
+        self._applied, self._opened, self._emitted = out, None, now
         return self.health()
 
 
