@@ -64,8 +64,9 @@ class GatewayDuty:
         self.last_check: dict[str, Any] | None = None
         self.reloads = 0
         self._lock = threading.Lock()
-        #: (time.monotonic() when read, what the proxy said) for ``status``
+        #: (when read, what the proxy said) for ``status``; read again after ``SPEND_CACHE_S``
         self._spend: tuple[float, dict[str, Any] | None] | None = None
+        self.spend_clock: Callable[[], float] = time.monotonic
 
     # ------------------------------------------------------------------ after each pass
 
@@ -171,9 +172,9 @@ class GatewayDuty:
     def spend(self, view: GatewayView) -> dict[str, Any]:
         """The OpenAI budget and what the proxy counts as spent (``spent_usd`` None: unknown),
         read at most every ``SPEND_CACHE_S``."""
-        cached = self._spend
-        if cached is None or time.monotonic() - cached[0] >= SPEND_CACHE_S:
-            cached = self._spend = (time.monotonic(), proxy.provider_spend(view.proxy_url, view.master_key))
+        cached, now = self._spend, self.spend_clock()
+        if cached is None or now - cached[0] >= SPEND_CACHE_S:
+            cached = self._spend = (now, proxy.provider_spend(view.proxy_url, view.master_key))
         out: dict[str, Any] = {"budget_usd": view.fleet.openai_budget_monthly_usd, "spent_usd": None, "period": "1mo"}
         if cached[1] is not None:
             out.update({k: v for k, v in cached[1].items() if v is not None and v != ""})
