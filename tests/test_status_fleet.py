@@ -320,3 +320,29 @@ def test_the_gateway_reads_the_spend_at_most_every_10_s(budgets: Budgets, repo: 
     budgets.close()
     later = duty.spend(v)
     assert later == {"budget_usd": 150, "spent_usd": None, "period": "1mo"}, "the budget alone, spend unknown"
+
+
+@pytest.mark.slow
+def test_the_real_proxy_reports_its_openai_spend_with_no_database(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_port: int
+) -> None:
+    """LiteLLM 1.108.7's ``/provider/budgets`` reads the router's budget limiter (Redis): the
+    rendered config, no database; a paid call shows up as spend."""
+    from tests.test_litellm_proxy import TOKEN, chat, start_stack
+
+    procs = start_stack(repo, tmp_path, monkeypatch, redis_port, openai=True, budget="150")
+    try:
+        url = f"http://127.0.0.1:{procs['proxy'].port}"
+        before = proxy.provider_spend(url, TOKEN)
+        assert before is not None and before["budget_usd"] == 150.0 and before["period"] == "1mo", before
+        assert proxy.provider_spend(url, "sk-wrong") is None
+        assert chat(procs["proxy"].port, "openai/strong").status_code == 200
+        end = time.monotonic() + 20
+        after: dict[str, Any] | None = before
+        while time.monotonic() < end and after is not None and after["spent_usd"] <= before["spent_usd"]:
+            time.sleep(0.2)
+            after = proxy.provider_spend(url, TOKEN)
+        assert after is not None and after["spent_usd"] > before["spent_usd"], (before, after)
+    finally:
+        for p in procs.values():
+            p.stop()
