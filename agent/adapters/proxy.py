@@ -97,3 +97,32 @@ def _diff(expected: Set[str], ids: Set[str]) -> str:
     missing, extra = sorted(expected - ids), sorted(ids - expected)
     parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"still {', '.join(extra)}"] if extra else [])
     return "; ".join(parts) or "same"
+
+
+def provider_spend(url: str, key: str, provider: str = "openai", timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """The proxy's spend against its ``provider`` budget: ``{budget_usd, spent_usd, period,
+    reset_at}``; ``None`` when it does not answer, or has no budget for that provider.
+
+    LiteLLM's ``GET /provider/budgets`` (master key) reads the router's provider budget
+    limiter, i.e. its cache (Redis here): no database is needed. A provider with nothing spent
+    yet in the period reads 0.0.
+    """
+    try:
+        r = httpx.get(
+            f"{url.rstrip('/')}/provider/budgets",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=timeout_s,
+            trust_env=False,
+        )
+        if r.status_code != 200:
+            return None
+        entry = r.json()["providers"][provider]
+        spend, budget = entry.get("spend"), entry.get("budget_limit")
+        return {
+            "budget_usd": float(budget) if isinstance(budget, int | float) else None,
+            "spent_usd": float(spend) if isinstance(spend, int | float) else 0.0,
+            "period": str(entry.get("time_period") or ""),
+            "reset_at": entry.get("budget_reset_at"),
+        }
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import structlog
 
 from agent.adapters import proxy
 from agent.adapters.secrets import SecretResolver
+from agent.core.controller import STALE_AFTER_INTERVALS
 from agent.core.errors import AgentError
 from agent.core.outcomes import ActionKind
 from agent.core.ports import Engine
@@ -37,6 +39,8 @@ log = structlog.get_logger("agent.gateway")
 
 #: How long a reloaded proxy has to serve the new routing before it is checked for readiness.
 SERVE_DEADLINE_S = 30.0
+#: How long the proxy's spend, as read for ``agent status``, is reused (status stays fast).
+SPEND_CACHE_S = 10.0
 
 
 class GatewayDuty:
@@ -60,6 +64,9 @@ class GatewayDuty:
         self.last_check: dict[str, Any] | None = None
         self.reloads = 0
         self._lock = threading.Lock()
+        #: (when read, what the proxy said) for ``status``; read again after ``SPEND_CACHE_S``
+        self._spend: tuple[float, dict[str, Any] | None] | None = None
+        self.spend_clock: Callable[[], float] = time.monotonic
 
     # ------------------------------------------------------------------ after each pass
 
@@ -147,13 +154,30 @@ class GatewayDuty:
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        view = self.view
+        interval = view.fleet.report_interval_s if view is not None else None
         if self.api is not None:
-            out["fleet"] = self.api.fleet()["hosts"]
+            out["fleet"] = [_staleness(h, interval) for h in self.api.fleet()["hosts"]]
             out["fleet_api"] = self.api.url
+        if interval is not None:
+            out["report_interval_s"] = interval
         if self.loop is not None:
             out["routing_state"] = self.loop.snapshot()
         if self.last_check is not None:
             out["last_reload_check"] = self.last_check
+        if view is not None:
+            out["spend"] = self.spend(view)
+        return out
+
+    def spend(self, view: GatewayView) -> dict[str, Any]:
+        """The OpenAI budget and what the proxy counts as spent (``spent_usd`` None: unknown),
+        read at most every ``SPEND_CACHE_S``."""
+        cached, now = self._spend, self.spend_clock()
+        if cached is None or now - cached[0] >= SPEND_CACHE_S:
+            cached = self._spend = (now, proxy.provider_spend(view.proxy_url, view.master_key))
+        out: dict[str, Any] = {"budget_usd": view.fleet.openai_budget_monthly_usd, "spent_usd": None, "period": "1mo"}
+        if cached[1] is not None:
+            out.update({k: v for k, v in cached[1].items() if v is not None and v != ""})
         return out
 
     def close(self) -> None:
@@ -161,3 +185,10 @@ class GatewayDuty:
             self.loop.stop()
         if self.api is not None:
             self.api.close()
+
+
+def _staleness(host: dict[str, Any], interval_s: float | None) -> dict[str, Any]:
+    """A host of the fleet view with ``stale``: its last report older than three intervals."""
+    if not host.get("reported") or interval_s is None:
+        return host
+    return {**host, "stale": float(host.get("age_s") or 0.0) > STALE_AFTER_INTERVALS * interval_s}

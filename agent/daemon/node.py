@@ -177,7 +177,8 @@ class NodeDuty:
                 "to": self.local.url if self.local else None,
                 "delivered": r.delivered,
                 "attempts": r.attempts,
-                "last": None if last is None else {"status": last.status, "detail": last.detail},
+                "every_s": r.interval_s,
+                "last": None if last is None else {"ok": last.delivered, "status": last.status, "detail": last.detail},
             }
         return out
 

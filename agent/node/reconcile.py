@@ -16,6 +16,7 @@ import secrets as pysecrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -68,8 +69,8 @@ class PassResult:
     role: str = ""
     #: service -> {container, state, health}, as last observed in this pass
     services: dict[str, dict[str, str | None]] = field(default_factory=dict)
-    #: on the gateway: alias -> {backend, reason} in effect
-    routing: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: on the gateway: alias -> {backend, reason, chain (the deployments in order)} in effect
+    routing: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
 
@@ -261,7 +262,8 @@ class Pass:
         self.result.role = rendered.role
         self.compose = rendered.compose
         self.result.routing = {
-            a: {"backend": d.backend.name, "reason": d.reason} for a, d in rendered.decisions.items()
+            a: {"backend": d.backend.name, "reason": d.reason, "chain": [b.name for b in d.deployments]}
+            for a, d in rendered.decisions.items()
         }
         role = desired.roles[rendered.role].spec
         return rendered, role.on_config_change, role.start_retries
