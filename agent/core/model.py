@@ -195,6 +195,7 @@ class Strict(BaseModel):
 class SecretRef(Strict):
     """A reference to a secret, never its value: ``{secret: openai_api_key}``."""
 
+    #: The secret's name: ``secrets/<name>.age``, ``<name>:`` in the secrets file, ``AGENT_SECRET_<NAME>``.
     secret: str = Field(pattern=SECRET_NAME_RE)
 
 
@@ -204,7 +205,9 @@ class SecretRef(Strict):
 class RoutingPolicy(Strict):
     """The seed's routing rules, made exact (contract section 5)."""
 
+    #: The alias chat completions default to (the model clients name); must be served.
     chat_default: str = Field("local/chat", pattern=ALIAS_RE)
+    #: The alias embeddings default to; must be served.
     embeddings_default: str = Field("local/embed", pattern=ALIAS_RE)
     #: alias -> ordered fallbacks; the first healthy entry serves the alias.
     fallbacks: dict[str, list[str]] = Field(
@@ -215,6 +218,7 @@ class RoutingPolicy(Strict):
     )
     #: Prompts over this many input tokens go to ``long_context_alias``.
     max_input_tokens: Tokens = 12000
+    #: Where prompts over ``max_input_tokens`` (or too long for every local backend) go.
     long_context_alias: str = Field("openai/strong", pattern=ALIAS_RE)
     #: Consecutive failed health checks before a backend is taken out of routing.
     failure_threshold: int = Field(3, ge=1, le=100)
@@ -285,12 +289,16 @@ class Fleet(Strict):
     #: Seconds between a node agent's reports to motoko (and at once on a change); a report
     #: older than three intervals is stale and takes that host's backend out of routing.
     report_interval_s: float = Field(10.0, ge=1, le=3600)
+    #: OpenAI model behind the ``openai/strong`` alias.
     openai_strong_model: str = "gpt-4.1-mini"
+    #: OpenAI model behind the ``openai/cheap`` alias.
     openai_cheap_model: str = "gpt-4o-mini"
+    #: Monthly OpenAI spend (USD) past which ``openai/*`` is served by ``routing.budget_fallback``.
     openai_budget_monthly_usd: float = Field(150, ge=0, le=1_000_000_000)
     #: OpenAI-compatible endpoint for the openai/* aliases (a corporate proxy, Azure, a test
     #: double); None: api.openai.com.
     openai_api_base: HttpUrlStr | None = None
+    #: The routing rules: the ``routing.*`` keys.
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
     #: Backend URLs on loopback (127.0.0.1, localhost) are refused: inside the proxy's
     #: container they are the container itself. Only for a proxy on the host's network
@@ -312,6 +320,7 @@ class Fleet(Strict):
 class GpuNodeVars(Strict):
     """Variables of the ``gpu_node`` role: one vLLM server, launched as the seed launches it."""
 
+    #: The vLLM image (pin by digest in production).
     vllm_image: str
     #: Hugging Face model id vLLM loads (``--model``).
     model_hf_id: str
@@ -319,15 +328,21 @@ class GpuNodeVars(Strict):
     served_model_name: str | None = None
     #: Aliases of the gateway this host serves, e.g. ``[local/chat]``.
     serves: list[str] = Field(default_factory=list)
+    #: Address vLLM binds to inside its container (``--host``).
     vllm_host: str
+    #: Port vLLM listens on (``--port``).
     vllm_port: Port
     #: Port published on the host (default: ``vllm_port``); lets test "hosts" share one engine.
     vllm_published_port: Port | None = None
+    #: ``--quantization`` (``awq``); null: not passed.
     quantization: str | None
+    #: ``--max-model-len``: the context window; bounds the prompts routed here.
     max_model_len: Tokens
+    #: ``--gpu-memory-utilization``: the share of GPU memory vLLM may take.
     gpu_memory_utilization: float = Field(gt=0, le=1)
     #: GPUs to request: ``all``, or a count; 0 is a CPU-only / test host (no device request).
     gpu_count: Annotated[int | Literal["all"], BeforeValidator(_gpu_count)]
+    #: More vLLM arguments, appended as given.
     extra_args: list[str] = Field(default_factory=list)
     #: Host directory mounted as the Hugging Face cache (model weights survive recreation).
     hf_cache_dir: str
@@ -335,10 +350,13 @@ class GpuNodeVars(Strict):
     health_start_period_s: int = Field(ge=0, le=DAY_S)
     #: Seconds between healthchecks (also how soon a fresh container can first be healthy).
     health_interval_s: IntervalS
+    #: What the container healthcheck runs in the image to call vLLM's ``/health``.
     health_probe: Literal["python", "curl", "wget"]
+    #: ``shm_size`` of the container (e.g. ``16g``); null: unset (it shares the host's IPC namespace).
     shm_size: str | None = None
     #: vLLM wants unlimited memlock and a large stack; hosts that may not raise them set {}.
     ulimits: dict[str, Ulimit] = Field(default_factory=dict)
+    #: Extra environment variables of the vLLM container.
     environment: dict[str, str] = Field(default_factory=dict)
     #: This host's own credential for reporting to motoko's fleet API (a secret); None: the
     #: host does not report, and motoko routes by its own probes alone.
@@ -413,19 +431,29 @@ class MotokoVars(Strict):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
+    #: LiteLLM image tag (``ghcr.io/berriai/litellm:<version>``).
     litellm_version: str
     #: Full image reference; overrides ``litellm_version`` (pin by digest in production).
     litellm_image: str | None = None
+    #: Port the proxy is published on (clients use ``http://<motoko>:<port>/v1``).
     litellm_port: Port
+    #: Host address the proxy's port is bound to (``0.0.0.0``: every interface).
     litellm_bind: Annotated[str, BeforeValidator(_ipv4)]
+    #: Gunicorn workers of the proxy.
     litellm_workers: int = Field(ge=1, le=256)
+    #: Key for the ``openai/*`` aliases.
     openai_api_key: SecretRef
+    #: The proxy's master key: every client sends ``Authorization: Bearer <token>``.
     litellm_bearer_token: SecretRef
+    #: Redis image (cooldowns, health state and the OpenAI spend, shared by the workers).
     redis_image: str
     #: Seconds between healthchecks of the gateway's containers.
     health_interval_s: IntervalS
+    #: API base of the embeddings service behind ``local/embed``.
     embed_base_url: ApiBaseStr
+    #: Model the embeddings service serves.
     embed_model: str
+    #: Longest input the embeddings model takes, tokens.
     embed_max_input_tokens: Tokens
     #: The fleet API (node reports, fleet view) served by the motoko agent itself.
     fleet_api_port: Port = 8300
@@ -468,9 +496,11 @@ ROLE_NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"
 class HostFile(Strict):
     """``hosts/<host>.yaml`` before its variables are checked against its role."""
 
+    #: The role folder (``roles/<role>``, in this repository or shipped with the agent).
     role: str = Field(pattern=ROLE_NAME_RE)
     #: How other hosts reach this one (DNS name or IPv4 address); default: the host's name.
     address: Annotated[str, BeforeValidator(_address)] | None = None
+    #: The role's variables, over its ``defaults.yaml``; checked by the role kind's schema.
     vars: dict[str, Any] = Field(default_factory=dict)
 
 
