@@ -110,8 +110,8 @@ class Load:
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=64)
-        self._client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=64))
+        self._pool = ThreadPoolExecutor(max_workers=256)  # hung requests hold a thread each
+        self._client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=256))
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

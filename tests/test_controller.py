@@ -3,6 +3,7 @@ for every combination of backend health, drains and budget."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -166,7 +167,7 @@ def test_a_flapping_backend_costs_at_most_one_reload_per_window() -> None:
         report = ReportState.UNHEALTHY if (i // 3) % 2 else ReportState.FRESH
         if c.step(t, {"armitage": Probe(True, report=report)}) is not None:
             reloads.append(t)
-    gaps = [b - a for a, b in zip(reloads, reloads[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(reloads)]
     assert reloads and all(g >= 2.0 for g in gaps), reloads
 
 

@@ -8,6 +8,7 @@ the pure controller, a reload by SIGHUP and a check that the proxy serves it) th
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,14 @@ from tests.test_litellm_proxy import TOKEN, start_stack
 from tests.test_litellm_resilience import stop_all
 from tests.test_validate import edit
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.failover,
+    pytest.mark.skipif(
+        os.environ.get("LLM_AGENT_FAILOVER") != "1",
+        reason="timing-bound under load (minutes); run on a quiet machine with LLM_AGENT_FAILOVER=1",
+    ),
+]
 #: LiteLLM's own timeouts in these tests (the desired state's ``timeout_s``/``stream_timeout_s``):
 #: a request caught by a hang pays this once, then falls back within the same request.
 TIMEOUT_S = 8
@@ -53,7 +61,8 @@ def report(name: str, outcomes: list, t0: float) -> str:  # type: ignore[type-ar
     for o in outcomes:
         by[o.by] = by.get(o.by, 0) + 1
     resent = sum(o.resent for o in outcomes)
-    return f"{name}: {len(outcomes)} requests, p50 {pct(lat, 50):.3f}s p99 {pct(lat, 99):.3f}s, by {by}, resent {resent}"
+    p50, p99 = pct(lat, 50), pct(lat, 99)
+    return f"{name}: {len(outcomes)} requests, p50 {p50:.3f}s p99 {p99:.3f}s, by {by}, resent {resent}"
 
 
 def test_a_killed_backend_costs_no_request_and_is_out_then_back_within_10_s(
