@@ -144,18 +144,27 @@ def test_changes_right_after_a_reload_come_out_as_one_health_map() -> None:
 
 def test_a_flap_undone_within_the_window_is_no_reload() -> None:
     c = Controller(POLICY, NAMES, window_s=2.0)
-    assert c.step(0.0, {"armitage": Probe(True, report=ReportState.UNHEALTHY)}) is not None, "out at once"
-    # Back in after two good probes: that waits for a window...
-    assert c.step(10.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
-    assert c.step(10.5, {"armitage": Probe(True, report=ReportState.FRESH)}) is None, "in: window opens"
+    assert c.step(0.0, {"armitage": fail()}) is None and c.step(0.1, {"armitage": fail()}) is None
+    health = c.step(0.2, {"armitage": fail()})
+    assert health is not None and not health["armitage"].healthy, "out at once: no reload before"
+    # Back in after two good probes, right after that reload: it waits for the window...
+    assert c.step(0.5, {"armitage": Probe(True)}) is None
+    assert c.step(1.0, {"armitage": Probe(True)}) is None, "in: waits"
     # ...and out again within it: the flap is undone, nothing to reload.
-    assert c.step(11.0, {"armitage": Probe(True, report=ReportState.UNHEALTHY)}) is None
-    assert not any(c.step(t, {}) for t in (12.0, 13.0, 20.0))
-    # Back in for good: one reload when its window closes.
-    assert c.step(21.0, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
-    assert c.step(21.5, {"armitage": Probe(True, report=ReportState.FRESH)}) is None
-    assert c.step(22.5, {}) is None
-    health = c.step(23.5, {})
+    assert c.step(1.5, {"armitage": Probe(False, "refused", ReportState.UNHEALTHY)}) is None
+    assert not any(c.step(t, {}) for t in (3.0, 5.0, 9.0))
+    # Back in for good, long after the last reload: at once.
+    assert c.step(10.0, {"armitage": Probe(True)}) is None, "one good probe"
+    health = c.step(10.5, {"armitage": Probe(True)})
+    assert health is not None and health["armitage"].healthy
+
+
+def test_a_backend_back_in_is_put_back_at_once_when_no_reload_is_recent() -> None:
+    c = Controller(POLICY, NAMES, window_s=2.0)
+    assert c.step(0.0, {"armitage": fail()}) is None and c.step(0.1, {"armitage": fail()}) is None
+    assert c.step(0.2, {"armitage": fail()}) is not None
+    assert c.step(5.0, {"armitage": Probe(True)}) is None
+    health = c.step(7.0, {"armitage": Probe(True)})
     assert health is not None and health["armitage"].healthy
 
 

@@ -8,13 +8,13 @@ reports; this module turns what they saw into routing, with no I/O:
   report (stale: older than ``STALE_AFTER_INTERVALS`` report intervals), or when drained. It
   comes back *in* only after ``RECOVER_AFTER`` consecutive good probes with a fresh healthy
   report (or none, where the backend has no node agent reporting for it) and no drain.
-- ``Controller.step``: feeds probes through ``observe`` and damps flapping. A backend newly
-  out is taken out at once (it is costing requests) unless a reload happened less than
-  ``window_s`` seconds ago; every other change (a backend back in, a second one out right
-  after a reload) opens a window of ``window_s`` seconds and comes out, with whatever else
-  changed within it, as one health map (one reload) when the window closes. A change undone
-  within its window comes out as nothing at all. So a flapping backend costs at most one
-  reload per window.
+- ``Controller.step``: feeds probes through ``observe`` and damps flapping. A change (a
+  backend out, or back in) is applied at once when no reload happened in the last
+  ``window_s`` seconds: an out backend is costing requests, a recovered one is capacity.
+  A change right after a reload waits until ``window_s`` has passed since the window opened
+  and comes out with whatever else changed meanwhile, as one health map (one reload); a
+  change undone within that wait comes out as nothing at all. So a flapping backend costs at
+  most one reload per window.
 - ``effective_config``: the decisions and the config text for a set of states: deterministic
   (same input, byte-identical text: sorted keys, no timestamps, no reasons).
 """
@@ -175,9 +175,10 @@ class Controller:
             return None
         if self._opened is None:
             self._opened = now
+        # Quiet (no reload within the window): this change goes out now. Else it waits for the
+        # window and leaves with whatever else changed meanwhile.
         quiet = self._emitted is None or now - self._emitted >= self.window_s
-        urgent = bool(out - self._applied) and quiet
-        if not urgent and now - self._opened < self.window_s:
+        if not quiet and now - self._opened < self.window_s:
             return None
         self._applied, self._opened, self._emitted = out, None, now
         return self.health()
