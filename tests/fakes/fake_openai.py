@@ -10,19 +10,26 @@ GET /health, GET /v1/models, POST /v1/chat/completions (``stream`` too), /v1/com
 ``--api-key`` /v1/* needs ``Authorization: Bearer <key>``; with ``--max-model-len`` a prompt
 whose word count plus ``max_tokens`` exceeds it gets 400 "maximum context length".
 
-GET /metrics serves vLLM's load gauges (``vllm:num_requests_running`` / ``_waiting``, the
-requests in flight); GET /fake/stats counts what was received per path.
+GET /metrics serves vLLM's load gauges (``vllm:num_requests_running`` / ``_waiting``: the
+requests in flight, of which those beyond ``--max-num-seqs`` wait for a slot); GET /fake/stats
+counts what was received per path; GET /fake/mode shows the mode, POST /fake/mode
+``{"mode": "hang"}`` sets it (written to FAKE_MODE_FILE when set). /fake/* ignores the mode.
 
 Environment: FAKE_MODE=ok|hang|error|stall (hang: read the request, never answer; error: 500
 on /health and /v1/*; stall: /v1/* answers its headers, then nothing), FAKE_DELAY_S (added
 latency), FAKE_MODE_FILE (mode re-read from it on every request, and every 0.1 s by hanging
-requests, which answer once it changes), FAKE_NAME.
+requests, which answer once it changes), FAKE_NAME, FAKE_TOKEN_DELAY_S (when > 0: a
+completion generates ``max_tokens`` (default 16) tokens, this many seconds each, streamed one
+chunk per token), FAKE_LOAD_S (command line only: like vLLM loading its model, the port stays
+closed this long, with vLLM's log lines "Starting to load model", "Loading safetensors
+checkpoint shards: N% Completed", then "Loading model weights took ...").
 One line per request on stderr. SIGTERM exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,11 +39,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MODES = ("ok", "hang", "error", "stall")
+DEFAULT_MAX_TOKENS = 16
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,6 +59,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    if argv[:1] == ["serve"]:  # `vllm serve MODEL ...`
+        argv = argv[1:]
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", *argv]
     args, _unknown = p.parse_known_args(argv)
     args.served_model_name = args.served_model_name or [args.model]
     return args
@@ -65,6 +78,8 @@ class FakeServer(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.counter = 0
         self.in_flight = 0
+        self.waiting = 0
+        self.slots = threading.BoundedSemaphore(max(1, args.max_num_seqs))
         self.received: dict[str, int] = {}
         self.lock = threading.Lock()
         super().__init__((args.host, args.port), Handler)
@@ -80,6 +95,33 @@ class FakeServer(ThreadingHTTPServer):
             except OSError:
                 pass
         return text.strip().lower() if text.strip().lower() in MODES else "ok"
+
+    def set_mode(self, mode: str) -> None:
+        if path := self.env.get("FAKE_MODE_FILE"):
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(mode + "\n")
+            os.replace(tmp, path)
+        else:
+            self.env["FAKE_MODE"] = mode
+
+    def token_delay(self) -> float:
+        return max(float(self.env.get("FAKE_TOKEN_DELAY_S") or 0), 0.0)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """A generation slot (vLLM's ``--max-num-seqs``); the others wait and count as waiting."""
+        with self.lock:
+            self.waiting += 1
+        try:
+            self.slots.acquire()
+        finally:
+            with self.lock:
+                self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.slots.release()
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -125,6 +167,9 @@ class Handler(BaseHTTPRequestHandler):
     def handle_request(self, body: dict[str, Any] | None) -> None:
         start, mode, self.status = time.monotonic(), self.server.mode(), 0
         path = self.path.split("?", 1)[0].rstrip("/")
+        if path.startswith("/fake/"):
+            self.fake_api(path, body)
+            return
         counted = path.startswith("/v1/")
         with self.server.lock:
             self.server.received[path] = self.server.received.get(path, 0) + 1
@@ -176,8 +221,6 @@ class Handler(BaseHTTPRequestHandler):
         is_api = path.startswith("/v1/")
         if path == "/metrics" and body is None:
             return self.metrics()
-        if path == "/fake/stats" and body is None:
-            return self.send_json(200, {"received": self.server.received, "in_flight": self.server.in_flight})
         if mode == "error" and (is_api or path == "/health"):
             return self.fail(500, "fake: FAKE_MODE=error", "InternalServerError")
         if path == "/health" and body is None:
@@ -198,7 +241,22 @@ class Handler(BaseHTTPRequestHandler):
             return self.fail(400, "request body is not a JSON object", "BadRequestError")
         if body.get("model") not in (None, *self.server.args.served_model_name):
             return self.fail(404, f"The model `{body['model']}` does not exist.", "NotFoundError")
-        handler(body)
+        with self.server.slot():
+            handler(body)
+
+    def fake_api(self, path: str, body: dict[str, Any] | None) -> None:
+        """The fake's own controls; they answer whatever the mode."""
+        server = self.server
+        if path == "/fake/stats" and body is None:
+            return self.send_json(200, {"received": server.received, "in_flight": server.in_flight})
+        if path == "/fake/mode" and body is None:
+            return self.send_json(200, {"mode": server.mode()})
+        if path == "/fake/mode" and (mode := (body or {}).get("mode")) in MODES:
+            server.set_mode(str(mode))
+            return self.send_json(200, {"mode": server.mode()})
+        if path == "/fake/mode":
+            return self.fail(400, f"mode must be one of {', '.join(MODES)}", "BadRequestError")
+        self.send_json(404, {"detail": "Not Found"})
 
     def base(self, body: dict[str, Any], prefix: str, kind: str) -> dict[str, Any]:
         self.server.counter += 1
@@ -217,17 +275,34 @@ class Handler(BaseHTTPRequestHandler):
                       "BadRequestError")  # fmt: skip
             return None
         name = body.get("model") or self.server.args.served_model_name[0]
-        usage = {"prompt_tokens": tokens, "completion_tokens": 1, "total_tokens": tokens + 1}
-        return f"fake:{name}@{self.server.ident}", usage
+        text, produced = f"fake:{name}@{self.server.ident}", 1
+        if self.server.token_delay() > 0:
+            produced = max(int(body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS), 1)
+            text += "".join(f" {i}" for i in range(1, produced))
+        usage = {"prompt_tokens": tokens, "completion_tokens": produced, "total_tokens": tokens + produced}
+        return text, usage
+
+    def tokens_of(self, text: str) -> list[str]:
+        """The pieces a stream sends: the whole text, or one per token when generating slowly."""
+        if self.server.token_delay() <= 0:
+            return [text]
+        first, *rest = text.split(" ")
+        return [first, *(f" {t}" for t in rest)]
+
+    def generate(self, count: int) -> bool:
+        """Wait as long as ``count`` tokens take; False when the server stops meanwhile."""
+        delay = self.server.token_delay() * count
+        return not (delay > 0 and self.server.stopping.wait(delay))
 
     def metrics(self) -> None:
         name = self.server.args.served_model_name[0]
-        running = max(self.server.in_flight, 0)
+        waiting = max(self.server.waiting, 0)
+        running = max(self.server.in_flight - waiting, 0)
         text = (
             "# TYPE vllm:num_requests_running gauge\n"
             f'vllm:num_requests_running{{model_name="{name}"}} {running}.0\n'
             "# TYPE vllm:num_requests_waiting gauge\n"
-            f'vllm:num_requests_waiting{{model_name="{name}"}} 0.0\n'
+            f'vllm:num_requests_waiting{{model_name="{name}"}} {waiting}.0\n'
         ).encode()
         self.start_response(200, "text/plain; version=0.0.4")
         self.send_header("Content-Length", str(len(text)))
@@ -246,21 +321,26 @@ class Handler(BaseHTTPRequestHandler):
             return
         text, usage = answer
         if not body.get("stream"):
+            if not self.generate(usage["completion_tokens"]):
+                return None
             msg = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": msg, "finish_reason": "stop", "logprobs": None}
             out = self.base(body, "chatcmpl", "chat.completion")
             return self.send_json(200, {**out, "choices": [choice], "usage": usage})
         chunk = self.base(body, "chatcmpl", "chat.completion.chunk")
-        deltas: list[dict[str, str]] = [{"role": "assistant", "content": ""}, {"content": text}, {}]
+        pieces = [{"content": t} for t in self.tokens_of(text)]
+        deltas: list[dict[str, str]] = [{"role": "assistant", "content": ""}, *pieces, {}]
         events = [{**chunk, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
                   for d in deltas]  # fmt: skip
         events[-1]["choices"][0]["finish_reason"] = "stop"
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append({**chunk, "choices": [], "usage": usage})
-        self.send_sse(events)
+        self.send_sse(events, paced=range(1, len(pieces) + 1) if len(pieces) > 1 else range(0))
 
     def completions(self, body: dict[str, Any]) -> None:
-        if (answer := self.answer(body, body.get("prompt"))) is None:
+        if (answer := self.answer(body, body.get("prompt"))) is None or not self.generate(
+            answer[1]["completion_tokens"]
+        ):
             return
         choice = {"index": 0, "text": answer[0], "finish_reason": "stop", "logprobs": None}
         out = {**self.base(body, "cmpl", "text_completion"), "choices": [choice]}
@@ -295,11 +375,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def send_sse(self, events: list[dict[str, Any]]) -> None:
+    def send_sse(self, events: list[dict[str, Any]], paced: range = range(0)) -> None:
+        """Server-sent events; those at the ``paced`` indexes wait one token's delay each."""
         self.start_response(200, "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for item in [*(json.dumps(e) for e in events), "[DONE]"]:
+        for index, item in enumerate([*(json.dumps(e) for e in events), "[DONE]"]):
+            if index in paced and not self.generate(1):
+                return
             data = f"data: {item}\n\n".encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
@@ -319,19 +402,39 @@ def serve_in_thread(argv: list[str], env: Mapping[str, str] | None = None) -> tu
     return server, thread
 
 
+def vllm_log(message: str) -> None:
+    """A line in vLLM's log format (the agent reads the loading stage from these)."""
+    sys.stderr.write(f"INFO {time.strftime('%m-%d %H:%M:%S')} fake_vllm.py] {message}\n")
+    sys.stderr.flush()
+
+
+def load_model(args: argparse.Namespace, seconds: float) -> None:
+    """Like vLLM before it listens: the port stays closed while the model loads."""
+    vllm_log(f"Starting to load model {args.model}...")
+    start, steps = time.monotonic(), 4
+    for step in range(1, steps + 1):
+        time.sleep(seconds / steps)
+        vllm_log(f"Loading safetensors checkpoint shards: {100 * step // steps}% Completed | {step}/{steps}")
+    vllm_log(f"Loading model weights took 0.0000 GB and {time.monotonic() - start:.6f} seconds")
+
+
 def main(argv: list[str] | None = None) -> int:
-    server = make_server(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
 
     def on_term(_signum: int, _frame: object) -> None:
-        server.stopping.set()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_term)
+    load_s = float(os.environ.get("FAKE_LOAD_S") or 0)
+    if load_s > 0:
+        load_model(parse_args(argv), load_s)
+    server = make_server(argv)
     names, port = server.args.served_model_name, server.server_address[1]
     sys.stderr.write(f"fake[{server.ident}] serving {names} on {server.args.host}:{port}\n")
+    vllm_log(f"Uvicorn running on http://{server.args.host}:{port} (Press CTRL+C to quit)")
     try:
         server.serve_forever(poll_interval=0.1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         server.stopping.set()
