@@ -2,8 +2,8 @@
 
 ``ProcessGateway`` runs the agent's own ``RoutingLoop`` (real probes, real controller) and on
 each health change does what a pass does on motoko: render the proxy config with that health
-(``render_host``, the same code), replace the file by rename, SIGHUP the gunicorn master, and
-check with ``wait_serving`` that the proxy serves it. The proxy is a process here (from the
+(``render_host``, the same code), replace the file by rename, and reload the gunicorn master
+worker by worker (SIGTTIN, then SIGTTOU once a worker serves the new routing). The proxy is a process here (from the
 cached venv, ``--run_gunicorn``), the backends are fake vLLM processes on loopback.
 
 ``Load`` sends requests at a fixed rate from a thread pool and records every outcome.
@@ -58,8 +58,16 @@ class ProcessGateway:
         rendered = render_host(load_desired(self.repo), "motoko", self.resolver, reveal=True, health=health)
         text = rendered.stack.files[self.view.proxy_config].content
         write_atomic(self.config, text.encode(), 0o600)
-        os.kill(self.master_pid, signal.SIGHUP)
-        check = proxy.wait_serving(self.view.proxy_url, self.token, proxy.config_ids(text), 30)
+        # What the gateway role's reload is (roles/motoko/role.yaml, agent.node.reconcile):
+        # one more worker on the new config, then the oldest retired once it serves it.
+        os.kill(self.master_pid, signal.SIGTTIN)
+        check = proxy.rolling_reload(
+            self.view.proxy_url,
+            self.token,
+            proxy.config_ids(text),
+            lambda: os.kill(self.master_pid, signal.SIGTTOU),
+            60,
+        )
         out = sorted(n for n, h in health.items() if not h.healthy)
         self.reloads.append(Reload(at, out, check.seconds, check.ok))
 

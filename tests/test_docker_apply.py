@@ -98,9 +98,13 @@ def test_config_file_change_sends_the_declared_signal(fleet: Fleet, capsys: pyte
     code, out = fleet.apply("motoko", capsys)
     assert code == 0, out
     reload = [a for a in out["actions"] if a["action"] == "reload"]
-    assert reload and reload[0]["signal"] == "SIGHUP" and reload[0]["changed"] == ["config/config.yaml"]
+    assert reload and reload[0]["signal"] == "SIGTTIN" and reload[0]["changed"] == ["config/config.yaml"]
     time.sleep(0.5)
-    assert "HUP" in docker("exec", lite["name"], "cat", "/tmp/signals")
+    # A rolling worker reload: one more worker now; the oldest is retired (SIGTTOU) only once
+    # a worker serves the new routing, and this stand-in serves no API: never retired.
+    signals = docker("exec", lite["name"], "cat", "/tmp/signals")
+    assert "TTIN" in signals and "TTOU" not in signals
+    assert out["reload_check"]["ok"] is False and "does not answer" in out["reload_check"]["detail"]
     assert [c["id"] for c in fleet.containers("motoko") if c["name"].endswith("litellm")] == [lite["id"]]
     # The container sees the new file through its directory mount.
     assert "budget_limit: 200" in docker("exec", lite["name"], "cat", "/app/config/config.yaml")

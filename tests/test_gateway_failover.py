@@ -113,6 +113,9 @@ def test_a_hung_or_stalled_backend_is_routed_around_within_10_s(
         outcomes = load.stop()
         gw.stop()
     settled = window(outcomes, began + 10, began + 20)
+    for sec in range(-2, 20):
+        print(f"t+{sec:3d}s", report("", window(outcomes, began + sec, began + sec + 1), began))
+    print("reloads", [(round(r.at - began, 2), r.out, round(r.served_after_s, 2), r.ok) for r in gw.reloads])
     print(report(mode, outcomes, began), f"out after {out_s:.1f}s;", report("from 10 s on", settled, began))
     assert failed(outcomes) == [], failed(outcomes)[:5]
     assert settled and pct([o.seconds for o in settled], 50) < 0.1, report("settled", settled, began)

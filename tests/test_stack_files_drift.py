@@ -73,7 +73,7 @@ def test_an_edited_config_is_rewritten_and_reloaded_by_the_role_policy(tmp_path:
 
     todo = kinds(apply(s, engine, dry_run=True))
     assert "edited" in todo[("write_file", "config/config.yaml")]
-    assert "reload with SIGHUP" in todo[("reload", "litellm")]
+    assert "reload with SIGTTIN" in todo[("reload", "litellm")]
 
     fixed = apply(s, engine)
     assert fixed.result is PassOutcome.CONVERGED, fixed.error

@@ -130,8 +130,12 @@ class GatewayDuty:
         config = self._config_on_disk(result.project, view.proxy_config)
         if config is None:
             return
-        expected = proxy.config_ids(config)
-        check = proxy.wait_serving(view.proxy_url, view.master_key, expected, self.serve_deadline_s)
+        if result.reload_check is not None:  # the pass finished a rolling reload and checked it
+            done = result.reload_check
+            check = proxy.Serving(bool(done["ok"]), str(done["detail"]), float(done["seconds"]))
+        else:
+            expected = proxy.config_ids(config)
+            check = proxy.wait_serving(view.proxy_url, view.master_key, expected, self.serve_deadline_s)
         self.last_check = {"ok": check.ok, "detail": check.detail, "seconds": round(check.seconds, 2)}
         if check.ok:
             log.info("proxy serves the new routing", seconds=round(check.seconds, 2))

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from agent.adapters import proxy
 from agent.adapters.fs import LockHeld, UnsafePath, locked, machine_lock_dir, private_dir
 from agent.adapters.gitsource import tree_commit
 from agent.adapters.secrets import SecretResolver
@@ -34,6 +35,7 @@ from agent.core.errors import (
 )
 from agent.core.hashing import file_hashes
 from agent.core.lint import lint_fleet, lint_stack
+from agent.core.model import MotokoVars
 from agent.core.observed import UNREADABLE, Observed, StackDir
 from agent.core.outcomes import ActionKind, Failure, PassOutcome
 from agent.core.plan import Action, container_name, pending, plan
@@ -71,6 +73,8 @@ class PassResult:
     services: dict[str, dict[str, str | None]] = field(default_factory=dict)
     #: on the gateway: alias -> {backend, reason, chain (the deployments in order)} in effect
     routing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: after a rolling reload of the gateway's proxy: did it serve the new routing
+    reload_check: dict[str, Any] | None = None
     started: float = 0.0
     finished: float = 0.0
 
@@ -97,10 +101,19 @@ class PassResult:
             "services": self.services,
             "routing": self.routing,
         }
+        if self.reload_check is not None:
+            out["reload_check"] = self.reload_check
         if self.applied is not None:
             out["outcomes"] = [o.as_dict() for o in self.applied.outcomes]
             out["rolled_back"] = self.applied.rolled_back
         return out
+
+
+#: The gateway's reload: one more proxy worker on the new config, then the oldest retired.
+ROLLING_RELOAD = "SIGTTIN"
+RETIRE_WORKER = "SIGTTOU"
+#: How long a rolling reload may take to serve the new routing (a worker boots in seconds).
+RELOAD_CHECK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +232,8 @@ class Pass:
         self.store = StateStore(settings.state_dir)
         #: the rendered compose file (secret-free: render refuses a leak into it)
         self.compose: str | None = None
+        #: on the gateway: its proxy's URL on this host, master key and config file
+        self.gateway: tuple[str, str, str] | None = None
 
     def run(self) -> str | None:
         """Render, observe, plan, maybe apply. Returns the fingerprint now applied, if any."""
@@ -242,7 +257,36 @@ class Pass:
         if not self.result.applied.ok:
             self.rollout_failed(fp)
             return None
+        self.finish_rolling_reloads(rendered)
         return fp if self.verify(stack, stack_dir, policy) else None
+
+    def finish_rolling_reloads(self, rendered: RenderedStack) -> None:
+        """A gateway proxy reloaded by SIGTTIN (one more gunicorn worker, on the new config):
+        once a worker serves the new routing, SIGTTOU retires the oldest; then every answer
+        must be the new routing (``agent.adapters.proxy.rolling_reload``)."""
+        applied = self.result.applied
+        if self.gateway is None or applied is None:
+            return
+        url, key, config = self.gateway
+        text = rendered.stack.files[config].content if config in rendered.stack.files else ""
+        for outcome in applied.changed():
+            a = outcome.action
+            if a.kind is not ActionKind.RELOAD or a.signal != ROLLING_RELOAD or not a.container:
+                continue
+            cid = a.container
+
+            def retire(cid: str = cid) -> None:
+                self.engine.signal(cid, RETIRE_WORKER)
+
+            check = proxy.rolling_reload(url, key, proxy.config_ids(text), retire, RELOAD_CHECK_S)
+            self.result.reload_check = {
+                "service": a.target,
+                "ok": check.ok,
+                "detail": check.detail,
+                "seconds": round(check.seconds, 2),
+                "container": cid,
+            }
+            (self.options.say)(f"{a.target}: {check.detail} ({check.seconds:.1f} s)")
 
     def render(self) -> tuple[RenderedStack, dict[str, str], dict[str, int]]:
         desired = load_desired(self.repo)
@@ -266,6 +310,10 @@ class Pass:
             for a, d in rendered.decisions.items()
         }
         role = desired.roles[rendered.role].spec
+        host = desired.host(self.settings.host)
+        if isinstance(host.vars, MotokoVars) and role.proxy_config:
+            key = self.resolver.value(host.vars.litellm_bearer_token.secret)
+            self.gateway = (f"http://127.0.0.1:{host.vars.litellm_port}", key, role.proxy_config)
         return rendered, role.on_config_change, role.start_retries
 
     def observe(self, stack: StackSpec, stack_dir: Path) -> Observed:
