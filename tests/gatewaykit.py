@@ -41,6 +41,7 @@ class Reload:
     out: list[str]
     served_after_s: float
     ok: bool
+    detail: str = ""
 
 
 class ProcessGateway:
@@ -69,7 +70,7 @@ class ProcessGateway:
             60,
         )
         out = sorted(n for n, h in health.items() if not h.healthy)
-        self.reloads.append(Reload(at, out, check.seconds, check.ok))
+        self.reloads.append(Reload(at, out, check.seconds, check.ok, check.detail))
 
     def start(self) -> ProcessGateway:
         self.loop.start()

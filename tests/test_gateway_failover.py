@@ -106,16 +106,17 @@ def test_a_hung_or_stalled_backend_is_routed_around_within_10_s(
         time.sleep(3)
         (tmp_path / "armitage.mode").write_text(mode)
         began = time.monotonic()
-        assert wait_until(lambda: gw.out_since("armitage", began) is not None, 25)
+        wait_until(lambda: gw.out_since("armitage", began) is not None, 25)
         out_s = gw.out_since("armitage", began)
         time.sleep(max(0.0, began + 20 - time.monotonic()))
+        (tmp_path / "armitage.mode").write_text("ok")  # lets what still hangs go
     finally:
         outcomes = load.stop()
         gw.stop()
+    print("reloads", [(round(r.at - began, 2), r.out, round(r.served_after_s, 2), r.ok, r.detail) for r in gw.reloads])
     settled = window(outcomes, began + 10, began + 20)
     for sec in range(-2, 20):
         print(f"t+{sec:3d}s", report("", window(outcomes, began + sec, began + sec + 1), began))
-    print("reloads", [(round(r.at - began, 2), r.out, round(r.served_after_s, 2), r.ok) for r in gw.reloads])
     print(report(mode, outcomes, began), f"out after {out_s:.1f}s;", report("from 10 s on", settled, began))
     assert failed(outcomes) == [], failed(outcomes)[:5]
     assert settled and pct([o.seconds for o in settled], 50) < 0.1, report("settled", settled, began)
