@@ -19,6 +19,7 @@ import yaml
 
 #: A proxy whose API has not answered once in this many seconds is not waited for.
 SILENT_S = 5.0
+SILENT = "the proxy API does not answer"
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def wait_serving(
             ids = served_ids(url, key, client=http)
             answered = answered or ids is not None
             if not answered and silent_s is not None and time.monotonic() - began >= silent_s:
-                return Serving(False, f"the proxy API does not answer ({url})", time.monotonic() - began)
+                return Serving(False, f"{SILENT} ({url})", time.monotonic() - began)
             if ids is not None and ids == expected:
                 streak += 1
                 if streak >= agreeing:
@@ -114,11 +115,16 @@ def rolling_reload(
     routing, ``retire_old`` sends SIGTTOU (one worker fewer: gunicorn stops the oldest,
     gracefully), and the proxy must then serve the new routing on every answer."""
     first = wait_serving(url, key, expected, deadline_s, agreeing=1, silent_s=SILENT_S)
-    if not first.ok:
+    wedged = not first.ok and first.detail.startswith(SILENT)
+    if not first.ok and not wedged:
+        # The old workers answer with the old routing: the new one never came up (keep them).
         return Serving(False, f"no worker serves the new routing: {first.detail}", first.seconds)
+    # Measured: a stream stalled after its headers wedges LiteLLM's worker (nothing answers,
+    # not even /v1/model/info), so a silent proxy has its oldest worker retired too.
     retire_old()
-    rest = wait_serving(url, key, expected, deadline_s)
-    return Serving(rest.ok, rest.detail, first.seconds + rest.seconds)
+    rest = wait_serving(url, key, expected, deadline_s, silent_s=3 * SILENT_S)
+    note = f"{SILENT} for {first.seconds:.0f} s: retired the oldest worker; " if wedged else ""
+    return Serving(rest.ok, note + rest.detail, first.seconds + rest.seconds)
 
 
 def _diff(expected: Set[str], ids: Set[str]) -> str:
