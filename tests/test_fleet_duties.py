@@ -3,7 +3,7 @@
 - motoko: after its first good pass the fleet API answers on the port of the desired state and
   takes only reports signed with the reporting host's own token; the routing loop (driven here
   round by round) takes a failing backend out, the pass it triggers renders the proxy config
-  without it and reloads the proxy by SIGHUP (never a restart), and good probes put it back;
+  without it and reloads the proxy in place (never a restart), and good probes put it back;
 - a gpu_node: its node duty reports stage and commit to a fleet API.
 """
 
@@ -248,7 +248,7 @@ def test_a_failing_backend_leaves_the_routing_by_a_reload_and_comes_back(motoko:
         assert result.routing["local/chat"]["backend"] == "wintermute"
         assert result.routing["local/chat"]["chain"][0] == "wintermute"
         ops = motoko.engine.calls[calls:]
-        assert ("signal", litellm) in ops, "reloaded in place (SIGHUP)"
+        assert ("signal", litellm) in ops, "reloaded in place (a rolling worker reload)"
         assert not [op for op in ops if op[0] in ("restart", "create", "remove", "stop")], ops
         assert motoko.litellm() == litellm
         status = motoko.daemon.status()
@@ -261,6 +261,11 @@ def test_a_failing_backend_leaves_the_routing_by_a_reload_and_comes_back(motoko:
             p.startswith("backend armitage out of routing: 3 consecutive failed probes") for p in problems(status)
         )
         assert status["spend"] == {"budget_usd": 150.0, "spent_usd": 12.5, "period": "1mo"}
+        metrics = httpx.get(f"http://127.0.0.1:{motoko.api_port}/metrics", timeout=5).text
+        assert 'llm_routing_backend_in{backend="armitage"} 0.0' in metrics, metrics
+        assert 'llm_routing_backend_in{backend="wintermute"} 1.0' in metrics
+        assert 'llm_routing_probe_failures_total{backend="armitage"} 3.0' in metrics
+        assert "llm_routing_changes_total 1.0" in metrics
 
         motoko.failing = set()
         assert motoko.tick() is None, "back only after two good probes"

@@ -88,7 +88,10 @@ class GatewayDuty:
             self.view = view
             self._serve_api(view)
             if self.loop is None:
-                self.loop = RoutingLoop(view, self._changed, self.api.store if self.api else None, self.probe).start()
+                self.loop = RoutingLoop(view, self._changed, self.api.store if self.api else None, self.probe)
+                if self.api is not None:
+                    self.api.registry.register(self.loop)  # routing series on the fleet API's /metrics
+                self.loop.start()
             else:
                 self.loop.set_view(view)
 
@@ -104,6 +107,8 @@ class GatewayDuty:
                     "fleet API cannot listen", address=f"{view.api_address[0]}:{view.api_address[1]}", error=str(exc)
                 )
                 return
+            if self.loop is not None:
+                self.api.registry.register(self.loop)
             self.api.start()
             log.info("fleet API listening", url=self.api.url, hosts=sorted(view.tokens))
         else:

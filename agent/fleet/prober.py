@@ -16,12 +16,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.adapters.vllm import probe_backend
 from agent.core.controller import Controller, Probe, ReportState, classify_report
@@ -81,6 +82,9 @@ class RoutingLoop:
         self.events: deque[RoutingEvent] = deque(maxlen=MAX_EVENTS)
         self.last_probes: dict[str, BackendHealth] = {}
         self.rounds = 0
+        #: for the metrics: probes that failed, by backend; health maps applied (reloads asked)
+        self.probe_failures: dict[str, int] = {}
+        self.changes = 0
         self._applied: dict[str, Health] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,6 +138,9 @@ class RoutingLoop:
                 self._applied = changed
             self.last_probes = probes
             self.rounds += 1
+            for name, h in probes.items():
+                self.probe_failures[name] = self.probe_failures.get(name, 0) + (not h.ready)
+            self.changes += changed is not None
         self._note_events(before, after)
         if changed is not None:
             out = sorted(n for n, h in changed.items() if not h.healthy)
@@ -193,7 +200,28 @@ class RoutingLoop:
             wait = self.view.fleet.routing.watch_interval_s - (time.monotonic() - began)
             self._stop.wait(max(0.05, wait))
 
-    # ------------------------------------------------------------------ for status
+    # ------------------------------------------------------------------ for status and metrics
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus series (registered on the fleet API's registry by the gateway duty)."""
+        with self._lock:
+            states = dict(self.controller.states)
+            failures = dict(self.probe_failures)
+            changes, rounds = self.changes, self.rounds
+        in_routing = GaugeMetricFamily(
+            "llm_routing_backend_in", "1 while a backend is in routing, 0 while out.", labels=["backend"]
+        )
+        for name, st in sorted(states.items()):
+            in_routing.add_metric([name], 1.0 if st.in_routing else 0.0)
+        failed = CounterMetricFamily(
+            "llm_routing_probe_failures", "Probes of a backend that failed.", labels=["backend"]
+        )
+        for name, count in sorted(failures.items()):
+            failed.add_metric([name], count)
+        yield in_routing
+        yield failed
+        yield CounterMetricFamily("llm_routing_changes", "Routing changes applied (each one reload).", value=changes)
+        yield CounterMetricFamily("llm_routing_probe_rounds", "Probe rounds run.", value=rounds)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
