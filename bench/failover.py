@@ -21,7 +21,12 @@ stopped, then started again on its port), ``hang`` (accepts, never answers; plai
 requests), ``stall`` (200 and headers, then nothing; streamed requests). Phases: 5 s
 healthy, the fault for 30 s (``--quick``: 15 s), 10 s of recovery. Per phase (by the time a
 request was sent): requests, failed (not a 200 answered by a backend), p50/p99 latency over
-all of them, who answered. Prints one markdown table on stdout; progress goes to stderr.
+all of them (a failed one with the time it took), who answered (a backend, or the client's
+error), what the routing loop did in that phase (ours: each reload, from the fault's start,
+and when the proxy served it), the 1-minute load average at the phase's end. A request whose
+pooled connection was closed before any answer (a retired worker's) is sent once more, as
+the OpenAI SDK does (``Load``), and counted once. Prints one markdown table on stdout;
+progress (and with ``--timeline`` each run 2.5 s at a time) goes to stderr.
 
 Run: ``python bench/failover.py [--scenarios kill,hang,stall] [--configs seed,ours] [--quick]``
 (needs ``scripts/litellm-venv`` and redis-server, as the slow proxy tests do).
@@ -34,6 +39,7 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import DEMO_IDENTITY  # noqa: E402
 from tests.dockerkit import free_port  # noqa: E402
-from tests.gatewaykit import Load, Outcome, ProcessGateway, failed, pct, window  # noqa: E402
+from tests.gatewaykit import Load, Outcome, ProcessGateway, Reload, failed, pct, window  # noqa: E402
 from tests.proxykit import Proc, start_fake, start_proxy  # noqa: E402
 from tests.test_litellm_proxy import TOKEN, start_stack  # noqa: E402
 
@@ -183,8 +189,15 @@ def start_ours(tmp: Path, mode_file: Path, redis_port: int) -> tuple[dict[str, P
 
 
 def stop_all(procs: dict[str, Proc]) -> None:
-    for p in procs.values():
+    for name, p in procs.items():
         p.stop()
+        if name == "proxy":
+            # ``Proc.stop`` waits 10 s for the gunicorn master, then kills it alone: a worker
+            # wedged on a stalled stream outlives it (an orphan that keeps its CPU and its
+            # connections, and slowed every later run). The proxy is its own session
+            # (``start_proxy``): end the whole group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.proc.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------- load
@@ -231,7 +244,8 @@ class Run:
     scenario: str
     outcomes: list[Outcome]
     phases: list[tuple[str, float, float]]  # name, start, end (monotonic)
-    notes: dict[str, str]
+    loads: list[float]  # the 1-minute load average at the end of each phase
+    reloads: list[Reload]  # ours: what the routing loop did
     seconds: float
 
 
@@ -265,13 +279,14 @@ class Stack:
 
 
 def _drive(config: str, scenario: str, fault_s: float, stack: Stack, began: float) -> Run:
-    procs, gw, mode_file, tmp = stack.procs, stack.gw, stack.mode_file, stack.tmp
+    procs, mode_file, tmp = stack.procs, stack.mode_file, stack.tmp
     stream = scenario == "stall"
     warm_up(procs["proxy"].port, stream)
     log(f"{config}/{scenario}: proxy up after {time.monotonic() - began:.1f}s; load starts")
     load = BenchLoad(procs["proxy"].port, TOKEN, stream=stream).start()
     t0 = time.monotonic()
     time.sleep(HEALTHY_S)
+    loads = [os.getloadavg()[0]]
     t_fault = time.monotonic()
     armitage_port = procs["armitage"].port
     if scenario == "kill":
@@ -279,6 +294,7 @@ def _drive(config: str, scenario: str, fault_s: float, stack: Stack, began: floa
     else:
         mode_file.write_text(scenario)
     time.sleep(max(0.0, t_fault + fault_s - time.monotonic()))
+    loads.append(os.getloadavg()[0])
     t_rec = time.monotonic()
     if scenario == "kill":
         env = {"FAKE_MODE_FILE": str(mode_file)}
@@ -286,32 +302,29 @@ def _drive(config: str, scenario: str, fault_s: float, stack: Stack, began: floa
     else:
         mode_file.write_text("ok")
     time.sleep(max(0.0, t_rec + RECOVERY_S - time.monotonic()))
+    loads.append(os.getloadavg()[0])
     t_end = time.monotonic()
     log(f"{config}/{scenario}: load stops; draining what is in flight (at most {CLIENT_TIMEOUT_S:.0f}s)")
     outcomes = load.stop()
-    notes: dict[str, str] = {}
-    if gw is not None:
-        out_s, in_s = gw.out_since("armitage", t_fault), gw.in_since("armitage", t_rec)
-        notes["fault"] = f"armitage out after {out_s:.1f} s" if out_s is not None else "armitage never taken out"
-        notes["recovery"] = f"back in after {in_s:.1f} s" if in_s is not None else "not back in"
-        notes["run"] = f"{len(gw.reloads)} reloads, {sum(not r.ok for r in gw.reloads)} not served"
     phases = [("healthy", t0, t_fault), (scenario, t_fault, t_rec), ("recovery", t_rec, t_end)]
+    reloads = list(stack.gw.reloads) if stack.gw is not None else []
     seconds = time.monotonic() - began
     log(f"{config}/{scenario}: done in {seconds:.0f}s, {len(failed(outcomes))} of {len(outcomes)} failed")
-    return Run(config, scenario, outcomes, phases, notes, seconds)
+    return Run(config, scenario, outcomes, phases, loads, reloads, seconds)
 
 
 # ---------------------------------------------------------------------------- report
 
 
-def answered_by(outcomes: list[Outcome]) -> str:
-    def label(o: Outcome) -> str:
-        if o.status == 200 and ":" not in o.by:
-            return o.by
-        if o.status is None:  # the client's error: its exception's name
-            return o.by.split(":", 1)[0]
-        return f"HTTP {o.status}"
+def label(o: Outcome) -> str:
+    if o.status == 200 and ":" not in o.by:
+        return o.by
+    if o.status is None:  # the client's error: its exception's name
+        return o.by.split(":", 1)[0]
+    return f"HTTP {o.status}"
 
+
+def answered_by(outcomes: list[Outcome]) -> str:
     counts = Counter(label(o) for o in outcomes)
     return ", ".join(f"{k} {v}" for k, v in counts.most_common())
 
@@ -322,30 +335,49 @@ def secs(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
+def reload_note(r: Reload, t_fault: float) -> str:
+    """One reload, its times from the fault's start: decided, and served (or why not)."""
+    what = f"out: {', '.join(r.out)}" if r.out else "all in"
+    done = f"served +{r.at - t_fault + r.served_after_s:.1f} s" if r.ok else f"NOT served ({r.detail})"
+    return f"reload at +{r.at - t_fault:.1f} s ({what}), {done}"
+
+
 def rows(run: Run) -> list[str]:
     out = []
-    for i, (phase, start, end) in enumerate(run.phases):
+    t_fault = run.phases[1][1]
+    for (phase, start, end), load in zip(run.phases, run.loads, strict=True):
         got = window(run.outcomes, start, end)
         lat = [o.seconds for o in got]
-        note = run.notes.get("fault" if i == 1 else phase, "")
-        if i == 2 and "run" in run.notes:
-            note = f"{note}; {run.notes['run']}"
-        resent = sum(o.resent for o in got)
-        if resent:
-            note = f"{note}; {resent} resent" if note else f"{resent} resent"
+        notes = [reload_note(r, t_fault) for r in run.reloads if start <= r.at < end]
+        if resent := sum(o.resent for o in got):
+            notes.append(f"{resent} resent")
         out.append(
             f"| {run.config} | {run.scenario} | {phase} ({end - start:.0f} s) | {len(got)} | {len(failed(got))} "
-            f"| {secs(pct(lat, 50))} | {secs(pct(lat, 99))} | {answered_by(got)} | {note} |"
+            f"| {secs(pct(lat, 50))} | {secs(pct(lat, 99))} | {answered_by(got)} | {'; '.join(notes)} | {load:.1f} |"
         )
     return out
 
 
 def table(runs: list[Run]) -> str:
     head = [
-        "| config | scenario | phase | requests | failed | p50 | p99 | answered by | routing |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | scenario | phase | requests | failed | p50 | p99 | answered by | routing loop | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + [r for run in runs for r in rows(run)])
+
+
+def timeline(run: Run, step: float = 2.5) -> None:
+    """On stderr: each ``step`` seconds of sending, from the fault's start."""
+    t_fault, t_end = run.phases[1][1], run.phases[2][2]
+    at = run.phases[0][1]
+    while at < t_end:
+        got = window(run.outcomes, at, at + step)
+        lat = [o.seconds for o in got]
+        log(
+            f"  {run.config}/{run.scenario} {at - t_fault:+6.1f}s: {len(got)} sent, {len(failed(got))} failed, "
+            f"p50 {secs(pct(lat, 50))}, max {secs(max(lat, default=math.nan))}; {answered_by(got)}"
+        )
+        at += step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--quick", action="store_true", help=f"fault for {QUICK_FAULT_S:.0f} s, not {FAULT_S:.0f} s")
+    ap.add_argument("--timeline", action="store_true", help="also each run, 2.5 s at a time, on stderr")
     args = ap.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     configs = [c for c in args.configs.split(",") if c]
@@ -373,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in scenarios:
                 for config in configs:
                     runs.append(run_one(config, scenario, fault_s, redis_port))
+                    if args.timeline:
+                        timeline(runs[-1])
     print(table(runs))
     load_after = os.getloadavg()
     log(
