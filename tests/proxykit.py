@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -41,6 +43,9 @@ class Proc:
     port: int
     log: Path
 
+    #: started in its own process group (the proxy: gunicorn's workers are its children)
+    group: bool = False
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -49,6 +54,10 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.group:
+            # A worker wedged by a stalled stream outlives its master: the whole group goes.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def start_fake(
@@ -133,7 +142,7 @@ def start_proxy(tmp: Path, config: Path, env: dict[str, str], gunicorn: bool = F
                 cwd=tmp,
                 start_new_session=True,
             )
-        p = Proc(proc, port, log)
+        p = Proc(proc, port, log, group=True)
         if wait_http(f"http://127.0.0.1:{port}/health/readiness", 90, proc):
             return p
         p.stop()
