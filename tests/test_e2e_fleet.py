@@ -133,8 +133,17 @@ def test_armitage_killed_under_load_costs_no_request_and_comes_back(fleet: Fleet
     assert failed(outcomes) == [], failed(outcomes)[:5]
 
 
+def container_id(name: str) -> str:
+    out = subprocess.run(
+        ["docker", "inspect", "-f", "{{.Id}} {{.State.Status}}", name], text=True, capture_output=True, check=True
+    )
+    return out.stdout.strip()
+
+
 def test_a_bad_push_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
     before = fleet.status("armitage")["applied_commit"]
+    running = {n: container_id(n) for n in ("demo-armitage-vllm-1", "demo-litellm")}
+    assert all(v.endswith(" running") for v in running.values()), running
     bad = fleet.push("hosts/armitage.yaml", "serves: [local/chat]", "serves: [local/chat", "broken yaml")
 
     def refused() -> bool:
@@ -145,6 +154,12 @@ def test_a_bad_push_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
     error = fleet.status("armitage")["last_run"]["error"]
     assert "hosts/armitage.yaml:" in error, error
     assert fleet.status("armitage")["applied_commit"] == before
-    r = chat(fleet.token())
-    assert r.status_code == 200 and "@armitage" in r.text, "armitage still serves"
+    motoko = fleet.status("motoko")
+    assert (motoko.get("last_run") or {}).get("failure") == "desired-state", "motoko reads every host file too"
+    assert {n: container_id(n) for n in running} == running, "same containers, still running"
+    token = fleet.token()
+    assert chat(token).status_code == 200
+    # armitage keeps serving local/chat (LiteLLM may still hold it in a cooldown from the test
+    # before for up to cooldown_s, 30 s).
+    assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2)
     fleet.push("hosts/armitage.yaml", "serves: [local/chat\n", "serves: [local/chat]\n", "fix")
