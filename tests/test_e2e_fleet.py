@@ -35,6 +35,17 @@ class Fleet:
         self.env = {**os.environ, "LLM_AGENT_DEMO": str(home)}
         self.work = home / "desired"
 
+    def cli(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **self.env,
+            "PYTHONPATH": str(ROOT),
+            "AGENT_CONFIG": str(self.home / "none.toml"),
+            "AGENT_HOST": host,
+            "AGENT_STATE_DIR": str(self.home / "hosts" / host),
+        }
+        cmd = ["python", "-m", "agent.cli", *args]
+        return subprocess.run(cmd, env=env, text=True, capture_output=True, check=False)
+
     def status(self, host: str = "motoko") -> dict:  # type: ignore[type-arg]
         env = {
             **self.env,
@@ -113,6 +124,9 @@ def test_armitage_killed_under_load_costs_no_request_and_comes_back(fleet: Fleet
     load = Load(18000, token).start()
     try:
         time.sleep(2)
+        # Paused, armitage's agent does not start its backend again at once (it would, within
+        # a second: drift), so the gateway sees a dead backend, as when a host goes down.
+        assert fleet.cli("armitage", "pause", "--reason", "e2e: backend killed").returncode == 0
         subprocess.run(["docker", "kill", "demo-armitage-vllm-1"], check=True, capture_output=True)
         killed = time.time()
 
@@ -125,6 +139,8 @@ def test_armitage_killed_under_load_costs_no_request_and_comes_back(fleet: Fleet
             return any(e["backend"] == "armitage" and e["change"] == "in" and e["at"] >= killed for e in events)
 
         assert wait_until(out, 30, step=0.5), fleet.status().get("routing_state")
+        print(f"armitage out of routing {time.time() - killed:.1f} s after the kill (status polled)")
+        assert fleet.cli("armitage", "resume").returncode == 0
         # The armitage agent starts its container again (drift), and motoko puts it back.
         assert wait_until(back, 90, step=1), fleet.status().get("routing_state")
         time.sleep(2)
