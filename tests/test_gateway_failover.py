@@ -124,11 +124,14 @@ def test_a_stalled_stream_takes_the_backend_out_of_routing_within_10_s(
 ) -> None:
     """armitage answers 200 and its headers, then nothing. The routing loop sees it within its
     probe timeout and takes armitage out. What the proxy does meanwhile is LiteLLM's: measured
-    (1.108.7, one worker, 10 streamed req/s), the stalled streams wedge the proxy as a whole
-    (nothing answers, not even ``/v1/model/info``) until they end; the agent retires the
-    wedged worker, but the requests of those seconds fail at the client's timeout. Not claimed
-    here: zero failed requests under a stall needs a front proxy with a first-byte timeout
-    (the drain issue's gateway work)."""
+    (1.108.7, gunicorn, one worker), a stalled stream blocks the worker's event loop for about
+    its ``stream_timeout`` before it falls back (one request alone: 23.8 s with 8 s timeouts,
+    then 200 from wintermute); six at once and ``/health/liveliness`` goes unanswered for over
+    20 s. So under 10 streamed req/s the whole worker wedges until the stalls end; the agent
+    retires the silent worker, but the requests of those seconds fail at the client's
+    timeout. Not claimed here: zero failed requests under a stall needs the stalled backend
+    kept from the proxy's workers before they block (a front proxy with a first-byte
+    timeout, the drain issue's gateway work)."""
     gw = gateway(repo, tmp_path, stack)
     try:
         time.sleep(2)
