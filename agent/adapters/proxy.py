@@ -20,6 +20,7 @@ import yaml
 #: A proxy whose API has not answered once in this many seconds is not waited for.
 SILENT_S = 5.0
 SILENT = "the proxy API does not answer"
+NOT_LISTENING = "nothing listens on the proxy's port"
 
 
 @dataclass(frozen=True)
@@ -47,20 +48,28 @@ def served_ids(url: str, key: str, timeout_s: float = 5.0, client: httpx.Client 
     """The deployment ids the proxy serves now; ``None`` when it does not answer. Each ask is
     a new connection (``Connection: close``): a kept-alive one would always reach the same
     gunicorn worker, and the question is what *any* worker serves."""
+    ids, _refused = _served(url, key, timeout_s, client)
+    return ids
+
+
+def _served(url: str, key: str, timeout_s: float, client: httpx.Client | None) -> tuple[frozenset[str] | None, bool]:
+    """(ids or None, whether the connection was refused: nothing listens on the port)."""
     http = client or httpx.Client(timeout=timeout_s, trust_env=False)
     try:
         headers = {"Authorization": f"Bearer {key}", "Connection": "close"}
         r = http.get(f"{url.rstrip('/')}/v1/model/info", headers=headers)
         if r.status_code != 200:
-            return None
+            return None, False
         data: Any = r.json().get("data", [])
         return frozenset(
             str(m["model_info"]["id"])
             for m in data
             if isinstance(m, dict) and isinstance(m.get("model_info"), dict) and "id" in m["model_info"]
-        )
+        ), False
+    except httpx.ConnectError:
+        return None, True
     except (httpx.HTTPError, ValueError, AttributeError):
-        return None
+        return None, False
     finally:
         if client is None:
             http.close()
@@ -90,7 +99,11 @@ def wait_serving(
     streak, last, answered = 0, "no answer", False
     with httpx.Client(timeout=2.0, trust_env=False) as http:
         while time.monotonic() - began < deadline_s:
-            ids = served_ids(url, key, client=http)
+            ids, refused = _served(url, key, 2.0, http)
+            if refused and not answered and silent_s is not None:
+                # Nothing listens on the port (a gunicorn master holds it even while its
+                # workers are wedged): no proxy to wait for, nor a worker to retire.
+                return Serving(False, f"{NOT_LISTENING} ({url})", time.monotonic() - began)
             answered = answered or ids is not None
             if not answered and silent_s is not None and time.monotonic() - began >= silent_s:
                 return Serving(False, f"{SILENT} ({url})", time.monotonic() - began)
