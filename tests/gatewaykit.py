@@ -101,7 +101,7 @@ class Outcome:
     by: str  # who answered (the fake's name in the content), or the error
     stream: bool = False
     #: the first try met a keep-alive connection the proxy closed (a reload's old worker) before
-    #: any answer, and was sent again, as the OpenAI SDK does (``max_retries``)
+    #: any answer, and was sent again, as the OpenAI SDK does (``max_retries``, with backoff)
     resent: bool = False
 
 
@@ -145,8 +145,15 @@ class Load:
     def one(self) -> None:
         t0 = time.monotonic()
         status, by = self._try()
-        resent = status is None and _closed_before_answer(by)
-        if resent:
+        resent = False
+        # As the OpenAI SDK does (max_retries 2, backoff from 0.5 s): a request that met a
+        # pooled connection the proxy had closed, before any answer, is sent again; by then the
+        # pool has seen the other closed connections too.
+        for delay in (0.5, 1.0):
+            if status is not None or not _closed_before_answer(by):
+                break
+            resent = True
+            time.sleep(delay)
             status, by = self._try()
         with self._lock:
             self.outcomes.append(Outcome(t0, time.monotonic() - t0, status, by, self.stream, resent))
