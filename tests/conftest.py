@@ -5,10 +5,12 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
+from agent.node.settings import Settings
 from tests.dockerkit import fleet  # noqa: F401  (fixture for the Docker tests)
 from tests.proxykit import redis_port  # noqa: F401  (fixture for the proxy tests)
 
@@ -51,6 +53,20 @@ def _no_host_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("AGENT_CONFIG", raising=False)
     for var in ("AGENT_HOST", "AGENT_REPO", "AGENT_PROJECT_PREFIX"):
         monkeypatch.delenv(var, raising=False)
+
+
+def fake_settings(host: str, tmp: Path, repo: Path, **extra: Any) -> Settings:
+    """The settings of an agent under test on the shipped example: state under ``tmp``, the
+    demo identity, no host secrets file, a 30 s health cap; ``extra`` overrides."""
+    fields: dict[str, Any] = {
+        "host": host,
+        "repo": str(repo),
+        "state_dir": tmp / "state",
+        "identity_file": DEMO_IDENTITY,
+        "secrets_file": tmp / "none.yaml",
+        "health_timeout": 30,
+    }
+    return Settings(**{**fields, **extra})
 
 
 def one_line_error(err: str) -> str:

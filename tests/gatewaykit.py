@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -49,7 +49,7 @@ class ProcessGateway:
         self.repo, self.config, self.proxy, self.token = repo, config, proxy_proc, token
         self.resolver = SecretResolver.for_repo(repo, Path("/nonexistent"), DEMO_IDENTITY)
         self.view = GatewayView.load(repo, "test", "motoko", self.resolver)
-        self.view = GatewayView(**{**self.view.__dict__, "proxy_url": f"http://127.0.0.1:{proxy_proc.port}"})
+        self.view = replace(self.view, proxy_url=f"http://127.0.0.1:{proxy_proc.port}")
         self.reloads: list[Reload] = []
         self.master_pid = proxy_proc.proc.pid
         self.loop = RoutingLoop(self.view, self.apply)

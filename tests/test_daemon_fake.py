@@ -15,9 +15,8 @@ from agent.adapters.systemd import Notifier
 from agent.core.errors import EngineError
 from agent.core.outcomes import Failure, PassOutcome
 from agent.daemon.service import NO_DUTIES, Daemon, set_pause
-from agent.node.settings import Settings
 from agent.testing.fakes import FakeClock, FakeContainer, FakeEngine, FakeSource
-from tests.conftest import DEMO_IDENTITY
+from tests.conftest import fake_settings
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 
@@ -30,14 +29,7 @@ class Fleet:
         self.engine = FakeEngine(any_image=True, behaviour=behaviour)
         self.source = FakeSource()
         self.clock = FakeClock()
-        self.settings = Settings(
-            host="armitage",
-            repo=str(repo),
-            state_dir=tmp / "state",
-            identity_file=DEMO_IDENTITY,
-            secrets_file=tmp / "none.yaml",
-            health_timeout=30,
-        )
+        self.settings = fake_settings("armitage", tmp, repo)
         self.daemon = Daemon(
             self.settings,
             notifier=Notifier({}),

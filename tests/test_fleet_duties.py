@@ -35,7 +35,7 @@ from agent.node.reconcile import PassResult
 from agent.node.settings import Settings
 from agent.node.state import StateStore
 from agent.testing.fakes import FakeClock, FakeEngine, FakeSource
-from tests.conftest import DEMO_IDENTITY
+from tests.conftest import DEMO_IDENTITY, fake_settings
 from tests.fleetkit import fleet_api
 from tests.test_fleet_report import report_data
 
@@ -138,14 +138,7 @@ class Motoko:
         self.serve_deadline_s = 0.5
         self.engine = FakeEngine(any_image=True)
         self.source = FakeSource()
-        self.settings = Settings(
-            host="motoko",
-            repo=str(repo),
-            state_dir=tmp / "state",
-            identity_file=DEMO_IDENTITY,
-            secrets_file=tmp / "none.yaml",
-            health_timeout=30,
-        )
+        self.settings = fake_settings("motoko", tmp, repo)
         self.daemon = Daemon(
             self.settings,
             notifier=Notifier({}),
@@ -314,15 +307,7 @@ def test_a_gpu_node_reports_its_stage_and_commit_to_motoko(tmp_path: Path, repo:
     source.push(B, repo)
     tokens = {h: token(repo, tmp_path, h) for h in ("armitage", "wintermute")}
     with fleet_api(tmp_path / "fleet.db", tokens) as api:
-        settings = Settings(
-            host="armitage",
-            repo=str(repo),
-            state_dir=tmp_path / "state",
-            identity_file=DEMO_IDENTITY,
-            secrets_file=tmp_path / "none.yaml",
-            health_timeout=30,
-            motoko_url=api.url,
-        )
+        settings = fake_settings("armitage", tmp_path, repo, motoko_url=api.url)
         daemon = Daemon(
             settings,
             notifier=Notifier({}),

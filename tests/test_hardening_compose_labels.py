@@ -11,20 +11,12 @@ from agent.core.outcomes import PassOutcome
 from agent.desired.load import load_desired
 from agent.desired.render import render_host
 from agent.node.reconcile import reconcile_once
-from agent.node.settings import Settings
 from agent.testing.fakes import FakeEngine
-from tests.conftest import DEMO_IDENTITY
+from tests.conftest import fake_settings
 
 
 def test_containers_name_the_rendered_compose_file(tmp_path: Path, repo: Path) -> None:
-    settings = Settings(
-        host="armitage",
-        repo=str(repo),
-        state_dir=tmp_path / "state",
-        identity_file=DEMO_IDENTITY,
-        secrets_file=tmp_path / "none.yaml",
-        health_timeout=30,
-    )
+    settings = fake_settings("armitage", tmp_path, repo)
     engine = FakeEngine(any_image=True)
     result = reconcile_once(settings, engine)
     assert result.result is PassOutcome.CONVERGED, result.error
