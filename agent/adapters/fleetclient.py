@@ -61,3 +61,52 @@ def _reason(r: httpx.Response) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:MAX_DETAIL]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainAnswer:
+    """motoko's answer to a drain request: ``status`` None when it was not reached."""
+
+    status: int | None
+    body: dict[str, object]
+    detail: str = ""
+
+    @property
+    def granted(self) -> bool:
+        return self.status == 200 and self.body.get("granted") is True
+
+    @property
+    def waiting(self) -> bool:
+        """Not granted yet (another chain member is out): ask again."""
+        return self.status == 409
+
+
+class HttpxDrains:
+    """``ask(url, token, reason)`` and ``release(url, token)`` against ``/v1/drains``."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False, trust_env=False)
+
+    def ask(self, url: str, token: str, reason: str) -> DrainAnswer:
+        return self._call("POST", url, token, {"reason": reason})
+
+    def release(self, url: str, token: str) -> DrainAnswer:
+        return self._call("DELETE", url, token, None)
+
+    def _call(self, method: str, url: str, token: str, body: dict[str, str] | None) -> DrainAnswer:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        try:
+            r = self.client.request(method, f"{url.rstrip('/')}/v1/drains", json=body, headers=headers)
+        except httpx.TimeoutException:
+            return DrainAnswer(None, {}, "timed out")
+        except httpx.HTTPError as exc:
+            return DrainAnswer(None, {}, _one_line(f"{type(exc).__name__}: {exc}"))
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        parsed = data if isinstance(data, dict) else {}
+        return DrainAnswer(r.status_code, parsed, "" if r.is_success else _reason(r))
+
+    def close(self) -> None:
+        self.client.close()

@@ -108,3 +108,14 @@ def _metrics(http: httpx.Client, root: str) -> str:
     if r.status_code != 200:
         raise _Failed(f"HTTP {r.status_code}")
     return r.text
+
+
+def read_load(api_base: str, timeout_s: float = 2.0) -> Load | None:
+    """Requests running and waiting on the vLLM at ``api_base``, from its ``/metrics``; ``None``
+    when it does not answer (a server that is down has nothing in flight to wait for)."""
+    root = api_base.rstrip("/").removesuffix("/v1")
+    try:
+        with httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False, trust_env=False) as http:
+            return parse_vllm_load(_metrics(http, root))
+    except (httpx.HTTPError, _Failed):
+        return None

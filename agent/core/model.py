@@ -278,6 +278,33 @@ class RoutingPolicy(Strict):
         return value
 
 
+class DrainPolicy(Strict):
+    """How a GPU host's backend is drained before its vLLM is stopped or replaced
+    (``fleet.yaml``: ``drain.*``)."""
+
+    #: Drain before disruption: off, a GPU host replaces its vLLM at once (the seed's way).
+    enabled: bool = True
+    #: Longest wait, seconds, for the backend's running and waiting requests to finish once it
+    #: is out of routing; then it is replaced anyway. Default: the longest generation
+    #: (``routing.timeout_s``) plus a minute, at least 300.
+    deadline_s: Seconds | None = None
+    #: Backends of one fallback chain that may be out at once (drained or down): 1 keeps
+    #: armitage and wintermute from ever being drained together.
+    max_out_per_chain: int = Field(1, ge=1, le=100)
+    #: A lease not renewed for this many seconds expires (a node that died while draining
+    #: does not hold the fleet); a node renews it every quarter of it while it holds it.
+    lease_ttl_s: float = Field(120.0, ge=10, le=DAY_S)
+    #: Longest wait, seconds, for a lease motoko does not grant (another chain member is out);
+    #: then the pass fails with that reason, nothing is changed, and a later pass asks again.
+    lease_wait_s: float = Field(900.0, ge=1, le=DAY_S)
+    #: motoko unreachable (or refusing the host's token) this long, seconds: the node proceeds
+    #: without a drain and says so (the gateway is down anyway; a GPU host must not wait forever).
+    unreachable_s: float = Field(60.0, ge=1, le=DAY_S)
+
+    def deadline(self, routing: RoutingPolicy) -> float:
+        return self.deadline_s or max(300.0, routing.request_timeout_s + 60.0)
+
+
 class Fleet(Strict):
     """``fleet.yaml``: what is true for the whole fleet."""
 
@@ -300,6 +327,8 @@ class Fleet(Strict):
     openai_api_base: HttpUrlStr | None = None
     #: The routing rules: the ``routing.*`` keys.
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
+    #: Draining a GPU backend before its host replaces it: the ``drain.*`` keys.
+    drain: DrainPolicy = Field(default_factory=DrainPolicy)
     #: Backend URLs on loopback (127.0.0.1, localhost) are refused: inside the proxy's
     #: container they are the container itself. Only for a proxy on the host's network
     #: (tests, demos running the rendered config by hand).

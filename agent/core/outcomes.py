@@ -47,6 +47,7 @@ class Failure(StrEnum):
     ENGINE = "engine"  # the engine refused an operation
     ROLLOUT = "rollout"  # a new version did not come up (rolled back)
     STOPPED = "stopped"  # the agent was shutting down mid-rollout (rolled back, not quarantined)
+    DRAIN = "drain"  # motoko granted no drain lease in time: nothing replaced, asked again later
     CONFLICT = "conflict"  # a container we do not own holds a name we need
     QUARANTINED = "quarantined"  # this desired state failed before; not retried
     NOT_CONVERGED = "not-converged"  # applied, but the verification found work left

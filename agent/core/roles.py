@@ -52,6 +52,9 @@ class RoleSpec(Strict):
     #: exiting) is restarted before the rollout counts as failed. For servers known to hang
     #: now and then on a cold start.
     start_retries: dict[str, Annotated[int, Field(ge=0, le=5)]] = Field(default_factory=dict)
+    #: Services that serve requests through the gateway: before one is stopped or replaced,
+    #: its host asks motoko to drain it (``fleet.yaml`` ``drain.*``).
+    drain: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _proxy_config(self) -> RoleSpec:

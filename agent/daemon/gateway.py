@@ -5,6 +5,9 @@
 - the routing loop (``agent.fleet.prober``): probes every local backend every 2 s; when the
   health map in effect changes it asks the daemon for a pass, which renders the proxy config
   with that health and reloads the proxy in place (SIGHUP; never a restart);
+- the drain desk (``agent.fleet.drains``): leases asked by gpu_node agents before they replace
+  their vLLM, granted by the capacity floor (``drain.max_out_per_chain``); a leased backend is
+  taken out of routing by the loop, and the desk tells the node once the proxy serves without it;
 - after every pass that reloaded the proxy: a check that the proxy serves exactly the
   deployments of the config now on disk (``agent.adapters.proxy``); a proxy that is not even
   ready by the deadline is restarted (gunicorn can freeze while it starts workers).
@@ -29,6 +32,7 @@ from agent.core.ports import Engine
 from agent.core.redact import Redactor
 from agent.core.routing import Health
 from agent.fleet.api import FleetApi
+from agent.fleet.drains import DrainContext
 from agent.fleet.gateway import GatewayView
 from agent.fleet.prober import ProbeFn, RoutingLoop, http_probe
 from agent.node.reconcile import PassResult
@@ -67,14 +71,21 @@ class GatewayDuty:
         #: (when read, what the proxy said) for ``status``; read again after ``SPEND_CACHE_S``
         self._spend: tuple[float, dict[str, Any] | None] | None = None
         self.spend_clock: Callable[[], float] = time.monotonic
+        #: the health map handed to the pass being run, and the one the proxy serves (the last
+        #: pass that applied it went well): a drained backend is routed out once it is out here
+        self._rendering: dict[str, Health] | None = None
+        self.serving: dict[str, Health] = {}
 
     # ------------------------------------------------------------------ after each pass
 
     def after_pass(self, path: Path, commit: str, result: PassResult, engine: Engine) -> None:
         if self.view is None or self.view.commit != commit:
             self._load(path, commit)
+        ok = True
         if self.view is not None and result.applied is not None:
-            self._check_reload(result, engine, self.view)
+            ok = self._check_reload(result, engine, self.view)
+        if ok and result.error is None and self._rendering is not None:
+            self.serving = dict(self._rendering)
 
     def _load(self, path: Path, commit: str) -> None:
         s = self.settings
@@ -88,12 +99,16 @@ class GatewayDuty:
             self.view = view
             self._serve_api(view)
             if self.loop is None:
-                self.loop = RoutingLoop(view, self._changed, self.api.store if self.api else None, self.probe)
+                self.loop = RoutingLoop(
+                    view, self._changed, self.api.store if self.api else None, self.probe, drains=self._drained
+                )
                 if self.api is not None:
                     self.api.registry.register(self.loop)  # routing series on the fleet API's /metrics
                 self.loop.start()
             else:
                 self.loop.set_view(view)
+            if self.api is not None:
+                self.api.drains.context = DrainContext.of(view.fleet, view.table)
 
     def _serve_api(self, view: GatewayView) -> None:
         if self.api is not None and self.api.address[1] != view.api_address[1]:
@@ -109,6 +124,8 @@ class GatewayDuty:
                 return
             if self.loop is not None:
                 self.api.registry.register(self.loop)
+            self.api.drains.out_of_routing = self._out_of_routing
+            self.api.drains.routed_out = self._routed_out
             self.api.start()
             log.info("fleet API listening", url=self.api.url, hosts=sorted(view.tokens))
         else:
@@ -122,19 +139,33 @@ class GatewayDuty:
         self.trigger()
 
     def health(self) -> dict[str, Health] | None:
-        return self.loop.health() if self.loop is not None else None
+        """The health map the next pass renders the proxy config with."""
+        self._rendering = self.loop.health() if self.loop is not None else None
+        return self._rendering
+
+    def _drained(self) -> frozenset[str]:
+        return self.api.drains.drained_backends() if self.api is not None else frozenset()
+
+    def _out_of_routing(self) -> dict[str, str]:
+        return self.loop.out_of_routing() if self.loop is not None else {}
+
+    def _routed_out(self, backends: frozenset[str]) -> bool:
+        serving = self.serving
+        return all(b in serving and not serving[b].healthy for b in backends)
 
     # ------------------------------------------------------------------ after a reload
 
-    def _check_reload(self, result: PassResult, engine: Engine, view: GatewayView) -> None:
+    def _check_reload(self, result: PassResult, engine: Engine, view: GatewayView) -> bool:
+        """After a pass that reloaded the proxy: does it serve the new routing? True: yes, or
+        nothing was reloaded."""
         outcomes = result.applied.changed() if result.applied else []
         reloads = [o.action for o in outcomes if o.action.kind is ActionKind.RELOAD]
         if not reloads or not result.project:
-            return
+            return True
         self.reloads += 1
         config = self._config_on_disk(result.project, view.proxy_config)
         if config is None:
-            return
+            return False
         if result.reload_check is not None:  # the pass finished a rolling reload and checked it
             done = result.reload_check
             check = proxy.Serving(bool(done["ok"]), str(done["detail"]), float(done["seconds"]))
@@ -144,13 +175,14 @@ class GatewayDuty:
         self.last_check = {"ok": check.ok, "detail": check.detail, "seconds": round(check.seconds, 2)}
         if check.ok:
             log.info("proxy serves the new routing", seconds=round(check.seconds, 2))
-            return
+            return True
         log.error("proxy does not serve the new routing", detail=check.detail)
         if not proxy.ready(view.proxy_url):
             for action in reloads:
                 if action.container:
                     log.warning("proxy not ready after its reload; restarting it", service=action.target)
                     engine.restart(action.container)
+        return False
 
     def _config_on_disk(self, project: str, relative: str) -> str | None:
         stack_dir = StateStore(self.settings.state_dir).stack_dir(project)
@@ -172,6 +204,8 @@ class GatewayDuty:
             out["report_interval_s"] = interval
         if self.loop is not None:
             out["routing_state"] = self.loop.snapshot()
+        if self.api is not None:
+            out["drains"] = self.api.drains.view()
         if self.last_check is not None:
             out["last_reload_check"] = self.last_check
         if view is not None:

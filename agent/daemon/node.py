@@ -59,6 +59,10 @@ class NodeDuty:
         self.reporter: Reporter | None = None
         self.fields: ReportFields | None = None
         self.container: str | None = None
+        #: the backend container's name (a replaced container keeps it; its id changes)
+        self.container_name: str | None = None
+        #: the drain is under way (set by the pass's drain): reports say ``draining``
+        self.draining = False
         self._engine: Engine | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,6 +73,7 @@ class NodeDuty:
             self._load(path, commit, result.role or "")
         info = result.services.get(BACKEND_SERVICE) or {}
         self.container = info.get("container") or self.container
+        self.container_name = info.get("name") or self.container_name
         self._engine = engine
         self.refresh(commit=commit)
         if self._thread is None and self.reporter is not None:
@@ -121,8 +126,11 @@ class NodeDuty:
             self.reporter.set_url(local.url)
             self.reporter.set_token(local.token)
 
-    def refresh(self, commit: str | None = None, draining: bool = False) -> ReportFields | None:
+    def refresh(self, commit: str | None = None, draining: bool | None = None) -> ReportFields | None:
         """Probe, judge, hand to the reporter; the fields reported."""
+        if draining is not None:
+            self.draining = draining
+        draining = self.draining
         local = self.local
         if local is None:
             return None
@@ -147,13 +155,18 @@ class NodeDuty:
         return fields
 
     def _container(self) -> tuple[str | None, str]:
-        if self._engine is None or self.container is None:
+        if self._engine is None:
             return None, ""
-        try:
-            state = self._engine.state(self.container)[0]
-            return state, self._engine.logs_tail(self.container, 20)
-        except EngineError:
-            return None, ""
+        # By id first; a container replaced since the last pass is found by its name.
+        for ref in (self.container, self.container_name):
+            if ref is None:
+                continue
+            try:
+                state = self._engine.state(ref)[0]
+                return state, self._engine.logs_tail(ref, 20)
+            except EngineError:
+                continue
+        return None, ""
 
     def _run(self) -> None:
         while not self._stop.wait(self.local.interval_s if self.local else 10.0):

@@ -36,6 +36,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from agent.adapters.fleetclient import HttpxDrains
 from agent.adapters.fs import locked, private_dir
 from agent.adapters.systemd import Notifier
 from agent.core.errors import AgentError, EngineError
@@ -49,6 +50,7 @@ from agent.daemon.metrics import Metrics
 from agent.daemon.node import NodeDuty
 from agent.daemon.watch import EventWatcher, Timing
 from agent.desired.load import load_desired
+from agent.node.drain import DrainHooks, DrainState, DrainTarget, FleetDrain
 from agent.node.reconcile import PassOptions, PassResult, reconcile_once
 from agent.node.settings import Settings
 from agent.node.state import AgentState, Pause, StateStore, now
@@ -140,6 +142,9 @@ class Daemon:
         #: loop, or a backend's health reports (started after the first good pass)
         self.gateway: GatewayDuty | None = None
         self.node: NodeDuty | None = None
+        #: a backend host's drain (``agent.node.drain``): where it stands, for ``agent status``
+        self.drain_state = DrainState()
+        self._drain_api: HttpxDrains | None = None
         self._kind: tuple[str, str] | None = None  # (commit, kind of this host's role)
 
     # ------------------------------------------------------------------ lifecycle
@@ -328,11 +333,28 @@ class Daemon:
             stopping=self.stop_event.is_set,
             record=record,
             health=self.gateway.health() if self.gateway is not None else None,
+            drain=self._drain if self.duties.node is not None else None,
         )
         result = reconcile_once(self.settings, engine, repo=path, commit=commit, options=options, clock=self.clock)
         if result.error:
             result.error = self.redactor.scrub(result.error)
         return result
+
+    def _drain(self, target: DrainTarget) -> FleetDrain:
+        """How this pass drains the host's backend before replacing it (a backend host only)."""
+        if self._drain_api is None:
+            self._drain_api = HttpxDrains()
+        hooks = DrainHooks(say=log.info, stopping=self.stop_event.is_set, on_stage=self._drain_stage)
+        return FleetDrain(target, self._drain_api, hooks=hooks, clock=self.clock, state=self.drain_state)
+
+    def _drain_stage(self, draining: bool) -> None:
+        """The backend's stage, reported at once: ``draining``, then what it is after."""
+        if self.node is None:
+            return
+        try:
+            self.node.refresh(draining=draining)
+        except Exception as exc:  # a report is best effort; the drain goes on
+            log.warning("stage not reported", error=f"{type(exc).__name__}: {exc}")
 
     def _report(self, result: PassResult) -> None:
         self.last = result
@@ -401,6 +423,9 @@ class Daemon:
             out.update(self.gateway.status())
         if self.node is not None:
             out["backend"] = self.node.status()
+        d = self.drain_state
+        if d.stage != "idle" or d.since:
+            out.setdefault("backend", {})["drain"] = {"stage": d.stage, "detail": d.detail, "since": d.since}
         return out
 
     def metrics(self) -> str:

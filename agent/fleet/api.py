@@ -10,7 +10,10 @@ control socket). Routes:
   for another host, 422 ``sent_at`` outside the window, 409 a replay;
 - ``GET /v1/fleet``: per host its last report's age, role, commit, stage, health, GPU and load;
   hosts with a token that never reported are listed with ``reported: false``;
-- ``GET /metrics``: Prometheus text: reports accepted per host, refused by reason, report age.
+- ``GET /metrics``: Prometheus text: reports accepted per host, refused by reason, report age;
+- ``POST /v1/drains`` / ``DELETE /v1/drains`` (the host's token; ``agent.fleet.drains``): a drain
+  lease on the host's backends asked or renewed (200, or 409 with why it must wait), given back;
+  ``GET /v1/drains``: the rollout, leases held and hosts waiting.
 
 ``FleetApi(db_path, tokens)`` then ``start()`` / ``close()``, like ``ControlServer``;
 ``set_tokens`` swaps the tokens (a rotation pushed through the desired state).
@@ -35,6 +38,7 @@ from pydantic import ValidationError
 from agent.adapters.httpserver import BadRequest, JsonHandler, TcpServer
 from agent.core.errors import ConfigError
 from agent.core.report import DEFAULT_WINDOW_S, NodeReport, Rejected, Rejection
+from agent.fleet.drains import DrainDesk, DrainRefused
 from agent.fleet.store import FleetStore, HostRecord
 
 log = structlog.get_logger("agent.fleet")
@@ -79,6 +83,7 @@ class FleetApi:
         self._tokens: dict[str, str] = {}
         self.set_tokens(tokens)
         self.store = FleetStore(db_path)
+        self.drains = DrainDesk(self.store, clock)
         self.registry = CollectorRegistry(auto_describe=True)
         self.rejected = Counter(
             "llm_fleet_reports_rejected", "Reports refused, by reason.", ["reason"], registry=self.registry
@@ -243,12 +248,16 @@ class _Handler(JsonHandler):
             return 200, self.api.fleet()
         if self.path == "/metrics":
             return 200, self.api.metrics()
+        if self.path == "/v1/drains":
+            return 200, self.api.drains.view()
         return 404, {"error": f"no route {self.path}"}
 
     def do_POST(self) -> None:
         self.answer(self._post)
 
     def _post(self) -> tuple[int, Any]:
+        if self.path == "/v1/drains":
+            return self._drain(self.api.drains.ask)
         if self.path != "/v1/reports":
             return 404, {"error": f"no route {self.path}"}
         try:
@@ -258,3 +267,20 @@ class _Handler(JsonHandler):
         except BadRequest as exc:
             self.api.refused(exc, peer=str(self.client_address[0]))
             raise
+
+    def do_DELETE(self) -> None:
+        self.answer(self._delete)
+
+    def _delete(self) -> tuple[int, Any]:
+        if self.path != "/v1/drains":
+            return 404, {"error": f"no route {self.path}"}
+        return self._drain(lambda host, raw: self.api.drains.release(host))
+
+    def _drain(self, act: Callable[[str, bytes], dict[str, Any]]) -> tuple[int, Any]:
+        """A drain request: the same token and body rules as a report; the host is the token's."""
+        raw = self.read_body()
+        host = self.api.authenticate(self.headers.get("Authorization"))
+        try:
+            return 200, act(host, raw)
+        except DrainRefused as exc:
+            return exc.code, {"error": str(exc), "granted": False}

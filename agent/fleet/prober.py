@@ -71,8 +71,11 @@ class RoutingLoop:
         store: FleetStore | None = None,
         probe: ProbeFn = http_probe,
         clock: Callable[[], float] = time.time,
+        drains: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.on_change = on_change
+        #: backends under a drain lease now (out of routing until the lease is given back)
+        self.drains = drains
         self.store = store
         self.probe = probe
         self.clock = clock
@@ -108,6 +111,11 @@ class RoutingLoop:
         with self._lock:
             return dict(self._applied)
 
+    def out_of_routing(self) -> dict[str, str]:
+        """backend -> why, for every backend out of routing now."""
+        with self._lock:
+            return {n: st.reason or "out" for n, st in self.controller.states.items() if not st.in_routing}
+
     def start(self) -> RoutingLoop:
         self._thread = threading.Thread(target=self._run, name="routing", daemon=True)
         self._thread.start()
@@ -126,13 +134,18 @@ class RoutingLoop:
         now = self.clock()
         probes = self._probe_all(view.targets, view.fleet.routing.watch_timeout_s)
         reports = self._reports(view, now)
+        try:
+            drained = self.drains()
+        except Exception as exc:  # the store unreadable: the leases held stay as they were
+            log.error("drain leases unreadable", error=f"{type(exc).__name__}: {exc}")
+            drained = frozenset(n for n, st in self.controller.states.items() if st.drained)
         round_probes = {
             t.name: Probe(h.ready, h.reason, reports.get(t.reporting_host) if t.reporting_host else None)
             for t, h in zip(view.targets, (probes[t.name] for t in view.targets), strict=True)
         }
         with self._lock:
             before = dict(self.controller.states)
-            changed = self.controller.step(self.clock(), round_probes)
+            changed = self.controller.step(self.clock(), round_probes, drained)
             after = dict(self.controller.states)
             if changed is not None:
                 self._applied = changed

@@ -1,29 +1,36 @@
-"""The fleet's state on the motoko agent: the last accepted report of every host, in SQLite.
+"""The fleet's state on the motoko agent: the last accepted report of every host and the drain
+leases held, in SQLite.
 
 One file in the agent's state dir (``fleet.sqlite``, mode 0600), WAL journal: a restart of the
 motoko agent loses nothing it had accepted. Checking a report against the last one and storing
 it happen under one lock, in one transaction, so two reports of one host racing each other
-cannot both pass the replay rule. A rejected report writes nothing.
+cannot both pass the replay rule. A rejected report writes nothing. The same goes for drain
+leases: judging a request against the leases held and writing the grant is one transaction,
+so two hosts asking at once cannot both be granted, and a host holds at most one lease (its
+name is the key), across restarts of the motoko agent too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
 
+from agent.core.drain import Lease
 from agent.core.errors import AgentError, error_line
 from agent.core.report import Accepted, LastSeen, NodeReport, Verdict, accept
 
 log = structlog.get_logger("agent.fleet")
 
 FILENAME = "fleet.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: drain leases
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -35,6 +42,13 @@ CREATE TABLE IF NOT EXISTS reports (
     received_at REAL NOT NULL,
     accepted    INTEGER NOT NULL,  -- reports accepted from this host, all runs together
     boots       INTEGER NOT NULL   -- runs (boot ids) of its agent seen
+);
+CREATE TABLE IF NOT EXISTS leases (
+    host        TEXT PRIMARY KEY,  -- one lease per host at most
+    backends    TEXT NOT NULL,     -- JSON list of backend names taken out of routing
+    granted_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,     -- renewed by the holder; past it the lease is void
+    reason      TEXT NOT NULL
 )
 """
 
@@ -66,14 +80,14 @@ class FleetStore:
 
     def _setup(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):  # 1: reports only; the leases table is added
             raise FleetStoreError(
                 f"fleet state {self.path}: schema version {version}, this agent knows {SCHEMA_VERSION}"
             )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last reports, never corrupt
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         os.chmod(self.path, 0o600)
 
@@ -133,6 +147,62 @@ class FleetStore:
     def accepted_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._db.execute("SELECT host, accepted FROM reports ORDER BY host").fetchall())
+
+    # ------------------------------------------------------------------ drain leases
+
+    def acquire(
+        self,
+        host: str,
+        backends: Set[str],
+        reason: str,
+        now: float,
+        ttl_s: float,
+        refusal: Callable[[list[Lease]], str | None],
+    ) -> Lease | str:
+        """Renew ``host``'s active lease, or grant a new one unless ``refusal(leases held)``
+        says why not (that reason is returned instead). One transaction."""
+        with self._lock:
+            held = self._leases()
+            mine = next((lease for lease in held if lease.host == host and lease.active(now)), None)
+            if mine is None:
+                why = refusal(held)
+                if why is not None:
+                    return why
+                mine = Lease(host, frozenset(backends), now, now + ttl_s, reason)
+            else:  # renewed: the backends drained stay those granted
+                mine = Lease(host, mine.backends, mine.granted_at, now + ttl_s, mine.reason)
+            self._db.execute(
+                """
+                INSERT INTO leases (host, backends, granted_at, expires_at, reason) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (host) DO UPDATE SET backends = excluded.backends, granted_at = excluded.granted_at,
+                    expires_at = excluded.expires_at, reason = excluded.reason
+                """,
+                (host, json.dumps(sorted(mine.backends)), mine.granted_at, mine.expires_at, mine.reason),
+            )
+            return mine
+
+    def release(self, host: str) -> bool:
+        """Drop ``host``'s lease; False when it held none."""
+        with self._lock:
+            return self._db.execute("DELETE FROM leases WHERE host = ?", (host,)).rowcount > 0
+
+    def leases(self) -> list[Lease]:
+        """Every lease on file, expired ones included (``Lease.active`` tells)."""
+        with self._lock:
+            return self._leases()
+
+    def _leases(self) -> list[Lease]:
+        rows = self._db.execute(
+            "SELECT host, backends, granted_at, expires_at, reason FROM leases ORDER BY host"
+        ).fetchall()
+        out = []
+        for host, backends, granted, expires, reason in rows:
+            try:
+                names = frozenset(str(b) for b in json.loads(backends))
+            except (ValueError, TypeError):
+                names = frozenset()
+            out.append(Lease(host, names, granted, expires, reason))
+        return out
 
     def close(self) -> None:
         with self._lock:

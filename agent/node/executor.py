@@ -23,6 +23,7 @@ import secrets as pysecrets
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from agent.core.outcomes import MUTATING, ActionKind, Failure, HealthWait, WaitE
 from agent.core.plan import Action, Desired, container_labels, container_name, desired_service, network_name
 from agent.core.ports import Clock, Engine, SystemClock
 from agent.core.stack import ServiceSpec, StackSpec
+from agent.node.drain import DrainAborted, DrainNotGranted
 
 log = structlog.get_logger("agent.executor")
 
@@ -91,11 +93,15 @@ class ApplyResult:
 
 
 class ServiceFailed(Exception):
-    def __init__(self, message: str, rolled_back: bool = False, aborted: bool = False) -> None:
+    def __init__(
+        self, message: str, rolled_back: bool = False, aborted: bool = False, failure: Failure | None = None
+    ) -> None:
         super().__init__(message)
         self.rolled_back = rolled_back
-        #: the agent was stopping: not the new version's fault, so not quarantined
+        #: the agent was stopping (or no drain was granted): not the new version's fault, so
+        #: not quarantined
         self.aborted = aborted
+        self.failure = failure
 
 
 def health_deadline(spec: ServiceSpec, cap: float | None) -> float:
@@ -103,6 +109,13 @@ def health_deadline(spec: ServiceSpec, cap: float | None) -> float:
     # With a healthcheck: the start period, then every retry at most interval + timeout apart.
     deadline = 15.0 if hc is None else hc.start_period_s + (hc.interval_s + hc.timeout_s) * (hc.retries + 1) + 5.0
     return min(deadline, cap) if cap else deadline
+
+
+#: ``drain(service, reason, comes_back)``: a context manager around an action that stops the
+#: service (``agent.node.drain.FleetDrain``): drained from the gateway before, restored after.
+DrainFn = Callable[[str, str, bool], AbstractContextManager[None]]
+#: The actions that stop a running service.
+DISRUPTIVE = frozenset({ActionKind.RECREATE, ActionKind.RESTART, ActionKind.REMOVE})
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,10 @@ class Rollout:
     start_retries: Mapping[str, int] = field(default_factory=dict)
     #: the rendered compose file, written to the stack dir (``docker compose ls`` names it)
     compose: str | None = None
+    #: services drained from the gateway's routing (``role.yaml`` ``drain``) before an action
+    #: stops them, and how (None: not drained)
+    drained: frozenset[str] = frozenset()
+    drain: DrainFn | None = None
 
 
 class Executor:
@@ -246,7 +263,7 @@ class Executor:
                 ok = False
                 result.rolled_back = result.rolled_back or exc.rolled_back
                 result.rollout_failed = result.rollout_failed or not exc.aborted
-                kind = Failure.STOPPED if exc.aborted else Failure.ROLLOUT
+                kind = exc.failure or (Failure.STOPPED if exc.aborted else Failure.ROLLOUT)
                 result.fail(todo[s][-1], str(exc), f"service '{s}': {exc}", kind)
         return ok
 
@@ -273,6 +290,22 @@ class Executor:
         return outcomes
 
     def _act(self, stack: StackSpec, want: Desired, action: Action) -> None:
+        drain = self.rollout.drain
+        if drain is None or action.kind not in DISRUPTIVE or action.container is None:
+            self._do(stack, want, action)
+            return
+        if want.spec.name not in self.rollout.drained:
+            self._do(stack, want, action)
+            return
+        try:
+            with drain(want.spec.name, action.reason, action.kind is not ActionKind.REMOVE):
+                self._do(stack, want, action)
+        except DrainNotGranted as exc:
+            raise ServiceFailed(str(exc), aborted=True, failure=Failure.DRAIN) from None
+        except DrainAborted as exc:
+            raise ServiceFailed(str(exc), aborted=True) from None
+
+    def _do(self, stack: StackSpec, want: Desired, action: Action) -> None:
         name, cid = want.spec.name, action.container
         if action.kind is ActionKind.CREATE:
             self.say(f"{name}: creating")

@@ -33,9 +33,10 @@ from agent.core.errors import (
     EngineUnavailable,
     SecretError,
 )
+from agent.core.fleet import DesiredState
 from agent.core.hashing import file_hashes
 from agent.core.lint import lint_fleet, lint_stack
-from agent.core.model import MotokoVars
+from agent.core.model import GpuNodeVars, MotokoVars
 from agent.core.observed import UNREADABLE, Observed, StackDir
 from agent.core.outcomes import ActionKind, Failure, PassOutcome
 from agent.core.plan import Action, container_name, pending, plan
@@ -46,7 +47,8 @@ from agent.core.routing import Health
 from agent.core.stack import StackFile, StackSpec
 from agent.desired.load import load_desired
 from agent.desired.render import render_host
-from agent.node.executor import ApplyResult, Executor, Rollout, with_reloads
+from agent.node.drain import DrainTarget
+from agent.node.executor import ApplyResult, DrainFn, Executor, Rollout, with_reloads
 from agent.node.settings import Settings
 from agent.node.state import AgentState, Quarantined, Run, StateStore, now
 
@@ -132,6 +134,9 @@ class PassOptions:
     #: On the gateway: backend health to route by (the motoko agent's routing loop); None:
     #: every backend counts as healthy.
     health: Mapping[str, Health] | None = None
+    #: On a backend host: how its drains are done (the daemon's ``FleetDrain`` over HTTP; a
+    #: test's fake); None: services are replaced without a drain (``agent apply`` by hand).
+    drain: Callable[[DrainTarget], DrainFn] | None = None
 
 
 def fingerprint(rendered: RenderedStack) -> str:
@@ -234,6 +239,9 @@ class Pass:
         self.compose: str | None = None
         #: on the gateway: its proxy's URL on this host, master key and config file
         self.gateway: tuple[str, str, str] | None = None
+        #: on a backend host: the services drained before they are replaced, and from where
+        self.drained: frozenset[str] = frozenset()
+        self.drain_target: DrainTarget | None = None
 
     def run(self) -> str | None:
         """Render, observe, plan, maybe apply. Returns the fingerprint now applied, if any."""
@@ -314,7 +322,29 @@ class Pass:
         if isinstance(host.vars, MotokoVars) and role.proxy_config:
             key = self.resolver.value(host.vars.litellm_bearer_token.secret)
             self.gateway = (f"http://127.0.0.1:{host.vars.litellm_port}", key, role.proxy_config)
+        if isinstance(host.vars, GpuNodeVars) and role.drain:
+            self.drained = frozenset(role.drain)
+            self.drain_target = self._drain_target(desired, host.vars)
         return rendered, role.on_config_change, role.start_retries
+
+    def _drain_target(self, desired: DesiredState, v: GpuNodeVars) -> DrainTarget:
+        """Where this host asks for a drain: the commit's motoko and this host's report token."""
+        token = None
+        if v.report_token is not None:
+            try:
+                token = self.resolver.value(v.report_token.secret)
+            except AgentError as exc:  # no drain rather than no deploy: said, not fatal
+                self.options.say(f"no drain: report token unavailable ({exc})")
+        fleet = desired.fleet
+        return DrainTarget(
+            host=self.settings.host,
+            motoko_url=self.settings.motoko_url or desired.motoko_url(),
+            token=token,
+            api_base=f"http://127.0.0.1:{v.published_port}/v1",
+            served_name=v.served_name,
+            policy=fleet.drain,
+            deadline_s=fleet.drain.deadline(fleet.routing),
+        )
 
     def observe(self, stack: StackSpec, stack_dir: Path) -> Observed:
         images = sorted({s.image for s in stack.services.values()})
@@ -347,6 +377,8 @@ class Pass:
             stopping=o.stopping,
             start_retries=start_retries,
             compose=self.compose,
+            drained=self.drained,
+            drain=o.drain(self.drain_target) if o.drain is not None and self.drain_target is not None else None,
         )
 
     def rollout_failed(self, fp: str) -> None:
@@ -407,6 +439,7 @@ def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str |
         c = next((c for c in mine if c.name == container_name(stack, name)), mine[0] if mine else None)
         out[name] = {
             "container": c.id[:12] if c else None,
+            "name": container_name(stack, name),
             "state": c.state if c else "missing",
             "health": c.health if c else None,
             "commit": c.labels.get(L.COMMIT) if c else None,
