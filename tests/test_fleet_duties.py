@@ -277,6 +277,48 @@ def test_a_failing_backend_leaves_the_routing_by_a_reload_and_comes_back(motoko:
         proxy.close()
 
 
+def test_a_drain_takes_the_backend_out_by_a_reload_and_holds_its_chain_until_it_is_back(
+    motoko: Motoko, tmp_path: Path
+) -> None:
+    """armitage asks for a drain: out of routing by one reload (never a restart), told so once
+    the proxy serves without it; wintermute (same chain) waits until armitage is back in."""
+    proxy = FakeProxy(motoko.proxy_port, motoko.tmp / "state" / "stacks" / "motoko" / "config" / "config.yaml")
+    motoko.serve_deadline_s = 20.0
+    url = f"http://127.0.0.1:{motoko.api_port}/v1/drains"
+    armitage = {"Authorization": f"Bearer {token(motoko.repo, tmp_path, 'armitage')}"}
+    wintermute = {"Authorization": f"Bearer {token(motoko.repo, tmp_path, 'wintermute')}"}
+    try:
+        motoko.first_pass()
+        litellm = motoko.litellm()
+        with httpx.Client(timeout=5, trust_env=False) as http:
+            granted = http.post(url, json={"reason": "vllm: model changed"}, headers=armitage)
+            assert granted.status_code == 200 and granted.json()["routed_out"] is False, granted.text
+            health = motoko.tick()
+            assert health is not None and not health["armitage"].healthy, "out at the next round"
+            assert motoko.triggers == 1
+            result = motoko.daemon.one_pass()
+            assert result is not None and result.result is PassOutcome.CONVERGED, result and result.error
+            assert "local/chat@armitage" not in motoko.config()
+            assert http.post(url, json={}, headers=armitage).json()["routed_out"] is True
+            assert motoko.litellm() == litellm and not [op for op in motoko.engine.calls if op[0] == "restart"]
+            waits = http.post(url, json={}, headers=wintermute)
+            assert waits.status_code == 409 and "armitage is drained by armitage" in waits.json()["error"]
+            status = motoko.daemon.status()
+            assert [lease["host"] for lease in status["drains"]["leases"]] == ["armitage"]
+            assert status["drains"]["leases"][0]["state"] == "routed out"
+            assert [w["host"] for w in status["drains"]["waiting"]] == ["wintermute"]
+
+            assert http.delete(url, headers=armitage).json()["released"] is True
+            # Given back, armitage is still out until the loop has seen it good again: wintermute waits.
+            still = http.post(url, json={}, headers=wintermute)
+            assert still.status_code == 409 and "armitage is out of routing (drained)" in still.json()["error"]
+            back = motoko.tick() or motoko.tick()
+            assert back is not None and back["armitage"].healthy
+            assert http.post(url, json={}, headers=wintermute).status_code == 200
+    finally:
+        proxy.close()
+
+
 def test_with_no_proxy_answering_a_reload_restarts_it_once_and_never_again(motoko: Motoko) -> None:
     """No proxy listens (the fakes run no LiteLLM): the check after the reload fails and finds
     the proxy not ready, so it restarts the proxy once for that reload; passes with nothing to

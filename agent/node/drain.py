@@ -129,7 +129,7 @@ class FleetDrain:
         self.on_stage = hooks.on_stage
         self.clock = clock or SystemClock()
         self.state = state or DrainState()
-        self._renewing = threading.Event()
+        self._done = threading.Event()  # set: stop renewing the lease
 
     # ------------------------------------------------------------------ the executor's side
 
@@ -160,7 +160,7 @@ class FleetDrain:
                 self._wait_ready(service)
             self.on_stage(False)
             if renewer is not None:
-                self._renewing.clear()
+                self._done.set()
                 renewer.join(5.0)
             if granted:
                 answer = self.api.release(t.motoko_url, t.token)
@@ -211,7 +211,7 @@ class FleetDrain:
             self.clock.sleep(ASK_EVERY_S)
 
     def _start_renewing(self) -> threading.Thread:
-        self._renewing.set()
+        self._done.clear()
         every = max(1.0, self.target.policy.lease_ttl_s / 4)
         thread = threading.Thread(target=self._renew, args=(every,), name="drain-lease", daemon=True)
         thread.start()
@@ -220,11 +220,8 @@ class FleetDrain:
     def _renew(self, every: float) -> None:
         t = self.target
         assert t.motoko_url and t.token
-        while self._renewing.is_set():
-            # A plain wait, not the injected clock: it is this thread's own pace.
-            threading.Event().wait(every)
-            if not self._renewing.is_set():
-                return
+        # Real time, not the injected clock: this thread keeps the lease alive in the world's time.
+        while not self._done.wait(every):
             answer = self.api.ask(t.motoko_url, t.token, "renew")
             if not answer.granted:
                 log.warning("drain lease not renewed", detail=answer.detail or answer.status)
