@@ -258,3 +258,36 @@ def test_no_lease_is_a_drain_failure_not_a_failed_rollout_and_nothing_changes(tm
     assert not result.ok and result.failure is Failure.DRAIN and not result.rollout_failed
     assert "no drain lease within 900s" in (result.error or "")
     assert engine.by_name() == before
+
+
+def test_status_shows_the_rollout_on_motoko_and_the_drain_on_the_node() -> None:
+    from agent.daemon.status import render
+
+    motoko = {
+        "host": "motoko",
+        "role": "motoko",
+        "drains": {
+            "leases": [
+                {
+                    "host": "armitage",
+                    "backends": ["armitage"],
+                    "state": "routed out",
+                    "expires_in_s": 88.0,
+                    "reason": "vllm: image changed",
+                }
+            ],
+            "waiting": [{"host": "wintermute", "waiting_s": 12.5, "why": "armitage is drained by armitage: ..."}],
+        },
+    }
+    text = "\n".join(render(motoko))
+    assert "rollout (drain leases):" in text
+    assert "armitage    armitage  routed out" in text or ("armitage" in text and "routed out" in text)
+    assert "wintermute" in text and "waiting 12.5 s" in text
+    node = {
+        "host": "armitage",
+        "backend": {
+            "stage": "draining",
+            "drain": {"stage": "waiting", "since": 1.0, "detail": "waiting for a drain lease: wintermute is drained"},
+        },
+    }
+    assert "drain:     waiting since" in "\n".join(render(node))

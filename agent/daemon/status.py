@@ -211,6 +211,28 @@ def _spend_lines(status: dict[str, Any]) -> list[str]:
     return ["", f"OpenAI spend: {spent:.2f} of {_num(budget)} USD{pct} per {period}{reset}{over}"]
 
 
+def _rollout_lines(status: dict[str, Any]) -> list[str]:
+    """Motoko: the drain leases held (who is draining or loading) and the hosts waiting."""
+    drains = status.get("drains") or {}
+    rows = [
+        (
+            lease.get("host") or "?",
+            ", ".join(lease.get("backends") or []) or "-",
+            lease.get("state") or "?",
+            f"{_num(lease.get('expires_in_s'))} s",
+            _cut(lease.get("reason"), 60),
+        )
+        for lease in drains.get("leases") or []
+    ]
+    rows += [
+        (w.get("host") or "?", "-", f"waiting {_num(w.get('waiting_s'))} s", "-", _cut(w.get("why"), 60))
+        for w in drains.get("waiting") or []
+    ]
+    if not rows:
+        return []
+    return _section("rollout (drain leases):", _table(("HOST", "BACKENDS", "STATE", "EXPIRES", "WHY"), rows))
+
+
 def _event_lines(status: dict[str, Any]) -> list[str]:
     events = ((status.get("routing_state") or {}).get("events") or [])[:MAX_EVENTS_SHOWN]
     rows = [
@@ -233,6 +255,9 @@ def _backend_lines(backend: dict[str, Any] | None) -> list[str]:
         f"  load:      {_load(backend.get('load'))} (running/waiting)",
         f"  gpu:       {backend.get('gpu') or 'unknown'}",
     ]
+    drain = backend.get("drain")
+    if drain and drain.get("stage") not in (None, "idle"):
+        lines.append(f"  drain:     {drain.get('stage')} since {_ago(drain.get('since'))}: {drain.get('detail')}")
     rep = backend.get("reporting")
     if rep is None:
         lines.append("  reporting: off (no report_token or no motoko_url)")
@@ -289,6 +314,7 @@ def render(status: dict[str, Any]) -> list[str]:
     lines += _backend_lines(status.get("backend"))
     lines += _fleet_lines(status)
     lines += _routing_lines(status)
+    lines += _rollout_lines(status)
     lines += _spend_lines(status)
     lines += _event_lines(status)
     return lines

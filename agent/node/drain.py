@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -163,9 +164,7 @@ class FleetDrain:
                 self._done.set()
                 renewer.join(5.0)
             if granted:
-                answer = self.api.release(t.motoko_url, t.token)
-                if answer.status != 200:
-                    self.say(f"{service}: drain lease not given back ({answer.detail}); it expires by itself")
+                self._give_back(service)
             self._set("idle", "")
 
     # ------------------------------------------------------------------ steps
@@ -209,6 +208,27 @@ class FleetDrain:
             if self.stopping():
                 raise DrainAborted(f"{service}: the agent is stopping while waiting for a drain lease")
             self.clock.sleep(ASK_EVERY_S)
+
+    def _give_back(self, service: str) -> None:
+        """Give the lease back; motoko unreachable (restarting): try again on a thread until the
+        lease would have expired anyway, so the backend is not held out of routing for nothing."""
+        t = self.target
+        assert t.motoko_url and t.token
+        answer = self.api.release(t.motoko_url, t.token)
+        if answer.status == 200:
+            return
+        self.say(f"{service}: drain lease not given back yet ({answer.detail or answer.status}); trying again")
+        url, token, until = t.motoko_url, t.token, time.monotonic() + t.policy.lease_ttl_s
+
+        def again() -> None:
+            while time.monotonic() < until:
+                if self.api.release(url, token).status == 200:
+                    log.info("drain lease given back", service=service)
+                    return
+                time.sleep(ASK_EVERY_S)
+            log.warning("drain lease not given back; it has expired by now", service=service)
+
+        threading.Thread(target=again, name="drain-release", daemon=True).start()
 
     def _start_renewing(self) -> threading.Thread:
         self._done.clear()
