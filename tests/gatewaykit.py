@@ -6,6 +6,11 @@ each health change does what a pass does on motoko: render the proxy config with
 worker by worker (SIGTTIN, then SIGTTOU once a worker serves the new routing). The proxy is a process here (from the
 cached venv, ``--run_gunicorn``), the backends are fake vLLM processes on loopback.
 
+With ``drains=True`` it also runs the fleet API's drain desk (``agent.fleet.drains``, on a real
+port, leases in SQLite) as the motoko agent does: leased backends leave the routing, and the
+desk says ``routed_out`` once a reload without them was served; ``drain_gate(host)`` is a
+gpu_node's ``FleetDrain`` asking it over HTTP.
+
 ``Load`` sends requests at a fixed rate from a thread pool and records every outcome.
 """
 
@@ -24,13 +29,17 @@ from pathlib import Path
 import httpx
 
 from agent.adapters import proxy
+from agent.adapters.fleetclient import HttpxDrains
 from agent.adapters.fs import write_atomic
 from agent.adapters.secrets import SecretResolver
 from agent.core.routing import Health
 from agent.desired.load import load_desired
 from agent.desired.render import render_host
+from agent.fleet.api import FleetApi
+from agent.fleet.drains import DrainContext
 from agent.fleet.gateway import GatewayView
 from agent.fleet.prober import RoutingLoop
+from agent.node.drain import DrainHooks, DrainTarget, FleetDrain
 from tests.conftest import DEMO_IDENTITY
 from tests.proxykit import Proc
 
@@ -45,14 +54,27 @@ class Reload:
 
 
 class ProcessGateway:
-    def __init__(self, repo: Path, config: Path, proxy_proc: Proc, token: str) -> None:
+    def __init__(self, repo: Path, config: Path, proxy_proc: Proc, token: str, drains: bool = False) -> None:
         self.repo, self.config, self.proxy, self.token = repo, config, proxy_proc, token
         self.resolver = SecretResolver.for_repo(repo, Path("/nonexistent"), DEMO_IDENTITY)
         self.view = GatewayView.load(repo, "test", "motoko", self.resolver)
         self.view = replace(self.view, proxy_url=f"http://127.0.0.1:{proxy_proc.port}")
         self.reloads: list[Reload] = []
         self.master_pid = proxy_proc.proc.pid
-        self.loop = RoutingLoop(self.view, self.apply)
+        #: the health map the proxy serves (its last reload was served)
+        self.serving: dict[str, Health] = {}
+        self.api: FleetApi | None = None
+        if drains:
+            self.api = FleetApi(config.parent / "fleet.db", self.view.tokens)
+            self.api.drains.context = DrainContext.of(self.view.fleet, self.view.table)
+            self.api.drains.routed_out = lambda names: all(
+                n in self.serving and not self.serving[n].healthy for n in names
+            )
+        drained = self.api.drains.drained_backends if self.api is not None else frozenset
+        # No node reports here (no store for the loop): probes alone judge the backends.
+        self.loop = RoutingLoop(self.view, self.apply, None, drains=drained)
+        if self.api is not None:
+            self.api.drains.out_of_routing = self.loop.out_of_routing
 
     def apply(self, health: dict[str, Health]) -> None:
         at = time.monotonic()
@@ -71,13 +93,34 @@ class ProcessGateway:
         )
         out = sorted(n for n, h in health.items() if not h.healthy)
         self.reloads.append(Reload(at, out, check.seconds, check.ok, check.detail))
+        if check.ok:
+            self.serving = dict(health)
 
     def start(self) -> ProcessGateway:
+        if self.api is not None:
+            self.api.start()
         self.loop.start()
         return self
 
     def stop(self) -> None:
         self.loop.stop()
+        if self.api is not None:
+            self.api.close()
+
+    def drain_gate(self, host: str, api_base: str, served: str, say: Callable[[str], None] = print) -> FleetDrain:
+        """``host``'s drain, as its agent does it: over HTTP to this gateway's desk."""
+        assert self.api is not None, "ProcessGateway(drains=True)"
+        fleet = self.view.fleet
+        target = DrainTarget(
+            host=host,
+            motoko_url=self.api.url,
+            token=self.view.tokens[host],
+            api_base=api_base,
+            served_name=served,
+            policy=fleet.drain,
+            deadline_s=fleet.drain.deadline(fleet.routing),
+        )
+        return FleetDrain(target, HttpxDrains(), hooks=DrainHooks(say=say))
 
     def out_since(self, name: str, since: float) -> float | None:
         """Seconds from ``since`` until a reload that took ``name`` out was served."""
