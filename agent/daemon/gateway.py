@@ -109,6 +109,7 @@ class GatewayDuty:
                 return
             if self.loop is not None:
                 self.api.registry.register(self.loop)
+            self.api.view_source = self.status  # the fleet page (GET /, /v1/view)
             self.api.start()
             log.info("fleet API listening", url=self.api.url, hosts=sorted(view.tokens))
         else:
