@@ -375,3 +375,16 @@ def test_a_gpu_node_reports_its_stage_and_commit_to_motoko(tmp_path: Path, repo:
     assert exit_code(status) == 1 and any(
         p.startswith(f"backend not ready ({backend['stage']})") for p in problems(status)
     )
+
+
+def test_the_fleet_page_reads_the_gateway_status_over_the_fleet_api(motoko: Motoko) -> None:
+    motoko.first_pass()
+    url = f"http://127.0.0.1:{motoko.api_port}"
+    with httpx.Client(timeout=5, trust_env=False) as http:
+        page = http.get(f"{url}/")
+        view = http.get(f"{url}/v1/view").json()
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    status = motoko.gateway.status()
+    assert [h["host"] for h in view["fleet"]] == [h["host"] for h in status["fleet"]] == ["armitage", "wintermute"]
+    assert set(view["routing_state"]["backends"]) == set(status["routing_state"]["backends"]) != set()
+    assert view["spend"]["budget_usd"] == status["spend"]["budget_usd"] and view["now"] > 0

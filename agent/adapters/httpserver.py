@@ -21,7 +21,7 @@ import contextlib
 import json
 import socketserver
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -100,10 +100,14 @@ class JsonHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and code >= 200 and code not in (204, 304):
             self.wfile.write(body)
 
-    def send_body(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+    def send_body(
+        self, code: int, body: bytes, ctype: str = "application/json", headers: Mapping[str, str] | None = None
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 

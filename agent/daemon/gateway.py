@@ -126,6 +126,7 @@ class GatewayDuty:
                 self.api.registry.register(self.loop)
             self.api.drains.out_of_routing = self._out_of_routing
             self.api.drains.routed_out = self._routed_out
+            self.api.view_source = self.status  # the fleet page (GET /, /v1/view)
             self.api.start()
             log.info("fleet API listening", url=self.api.url, hosts=sorted(view.tokens))
         else:

@@ -14,6 +14,13 @@ control socket). Routes:
 - ``POST /v1/drains`` / ``DELETE /v1/drains`` (the host's token; ``agent.fleet.drains``): a drain
   lease on the host's backends asked or renewed (200, or 409 with why it must wait), given back;
   ``GET /v1/drains``: the rollout, leases held and hosts waiting.
+- ``GET /`` (and ``/fleet``): the fleet page (``agent.fleet.page``), read-only; it polls
+- ``GET /v1/view``: what ``view_source`` returns (the gateway duty's status: hosts, routing,
+  drains, events, spend) with the server's ``now``; without a ``view_source``, the hosts alone.
+  A ``view_source`` that fails is a 503 (the page shows its banner and keeps its last data).
+
+Reading (the fleet view, the page, /metrics) needs no token, like ``agent status`` on the LAN;
+reports and drain requests are authenticated. Nothing here changes the fleet but those.
 
 ``FleetApi(db_path, tokens)`` then ``start()`` / ``close()``, like ``ControlServer``;
 ``set_tokens`` swaps the tokens (a rotation pushed through the desired state).
@@ -36,8 +43,9 @@ from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from agent.adapters.httpserver import BadRequest, JsonHandler, TcpServer
-from agent.core.errors import ConfigError
+from agent.core.errors import ConfigError, error_line
 from agent.core.report import DEFAULT_WINDOW_S, NodeReport, Rejected, Rejection
+from agent.fleet import page
 from agent.fleet.drains import DrainDesk, DrainRefused
 from agent.fleet.store import FleetStore, HostRecord
 
@@ -48,6 +56,8 @@ UNAUTHENTICATED = "unauthenticated"
 TOO_LARGE = "too_large"
 INVALID = "invalid"
 REASONS = (UNAUTHENTICATED, TOO_LARGE, INVALID, *(r.value for r in Rejection))
+#: Where the fleet page is served (the query string, if any, is ignored).
+PAGE_PATHS = ("/", "/fleet")
 STATUS_OF = {
     Rejection.WRONG_HOST: 403,
     Rejection.STALE: 422,
@@ -79,6 +89,8 @@ class FleetApi:
     ) -> None:
         self.window_s = window_s
         self.clock = clock
+        #: What ``GET /v1/view`` (the fleet page) shows; set by the gateway duty to its ``status``.
+        self.view_source: Callable[[], dict[str, Any]] | None = None
         self._by_digest: dict[bytes, str] = {}
         self._tokens: dict[str, str] = {}
         self.set_tokens(tokens)
@@ -168,6 +180,19 @@ class FleetApi:
     def metrics(self) -> str:
         return generate_latest(self.registry).decode()
 
+    def view(self) -> dict[str, Any]:
+        """The fleet page's data: ``view_source()`` (else the hosts alone) and the server's ``now``."""
+        source = self.view_source
+        if source is None:
+            fleet = self.fleet()
+            return {"now": fleet["now"], "fleet": fleet["hosts"]}
+        try:
+            data = source()
+        except Exception as exc:
+            log.warning("fleet view failed", error=error_line(exc))
+            raise BadRequest(f"fleet view unavailable: {error_line(exc)}", 503) from None
+        return {"now": self.clock(), **data}
+
 
 def parse_report(raw: bytes) -> NodeReport:
     try:
@@ -241,11 +266,16 @@ class _Handler(JsonHandler):
         return api
 
     def do_GET(self) -> None:
+        if self.path.partition("?")[0] in PAGE_PATHS:
+            self.send_body(200, page.PAGE_BYTES, page.CONTENT_TYPE, page.HEADERS)
+            return
         self.answer(self._get)
 
     def _get(self) -> tuple[int, Any]:
         if self.path == "/v1/fleet":
             return 200, self.api.fleet()
+        if self.path == "/v1/view":
+            return 200, self.api.view()
         if self.path == "/metrics":
             return 200, self.api.metrics()
         if self.path == "/v1/drains":
@@ -259,7 +289,8 @@ class _Handler(JsonHandler):
         if self.path == "/v1/drains":
             return self._drain(self.api.drains.ask)
         if self.path != "/v1/reports":
-            return 404, {"error": f"no route {self.path}"}
+            # An error closes the connection: the body, unread, must not be taken for a request.
+            raise BadRequest(f"no route {self.path}", 404)
         try:
             raw = self.read_body()  # first (bounded): a refused client still gets its answer, not a reset
             host = self.api.authenticate(self.headers.get("Authorization"))
