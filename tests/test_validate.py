@@ -167,6 +167,13 @@ def test_port_collision_on_one_host(repo: Path, roles_copy: Path, capsys: pytest
     assert "hosts/motoko.yaml: port 8000/tcp is published twice on host 'motoko'" in out
 
 
+def test_a_drained_service_the_stack_lacks(repo: Path, roles_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit(roles_copy / "gpu_node/role.yaml", "drain: [vllm]", "drain: [vlm]")
+    code, out = validate(repo, capsys)
+    assert code == 1
+    assert "roles/gpu_node/role.yaml: drain: service 'vlm' is not in the role's stack (vllm)" in out, out
+
+
 def test_template_undefined_variable(repo: Path, roles_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     edit(roles_copy / "gpu_node/templates/compose.yaml.j2", "{{ model_hf_id | tojson }}", "{{ model_id | tojson }}")
     code, out = validate(repo, capsys)

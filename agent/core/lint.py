@@ -419,3 +419,16 @@ def environ_refs_set(cfg: ProxyConfig) -> Iterator[Problem]:
                 f"os.environ/{ref} is referenced but not set in the env file: "
                 "the proxy would not start or would send no key",
             )
+
+
+@stack_check
+def drained_services_exist(host: Host, rendered: RenderedStack, desired: DesiredState) -> Iterator[Problem]:
+    """``role.yaml`` ``drain``: a service the stack does not have would never be drained."""
+    role = desired.roles[rendered.role]
+    for name in role.spec.drain:
+        if name not in rendered.stack.services:
+            yield Problem(
+                f"roles/{rendered.role}/role.yaml",
+                None,
+                f"drain: service '{name}' is not in the role's stack ({', '.join(sorted(rendered.stack.services))})",
+            )
