@@ -96,7 +96,7 @@ def test_a_drained_redeploy_of_armitage_under_load_drops_nothing(
                 extra=["--model", "Qwen/Qwen2.5-14B-Instruct-AWQ"],
             )
         released = time.monotonic()
-        assert wait_until(lambda: gw.in_since("armitage", released) is not None, 30), gw.reloads
+        assert wait_until(lambda: gw.in_since("armitage", released) is not None, 60), gw.reloads
         back = gw.in_since("armitage", released)
         time.sleep(3)
     finally:
