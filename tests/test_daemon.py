@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -347,7 +348,7 @@ def test_notify_protocol_and_no_secret_anywhere(rig: Rig, tmp_path: Path) -> Non
     assert any(m.startswith("STATUS=converged at") for m in seen), seen
 
     # The canary secret (motoko's bearer token) never shows: not in logs, status, plan,
-    # render output or error messages; only in the 0600 env file when revealed.
+    # render output or error messages; only in the 0600 proxy config when revealed.
     outputs = [rig.log(), json.dumps(rig.status()), rig.agent("status").stdout]
     env = {**rig.env, "AGENT_REPO": str(rig.work), "AGENT_STATE_DIR": str(tmp_path / "s2")}
     for args in (
@@ -381,7 +382,9 @@ def test_notify_protocol_and_no_secret_anywhere(rig: Rig, tmp_path: Path) -> Non
         check=True,
     )
     assert CANARY not in revealed.stdout + revealed.stderr
-    assert CANARY in (tmp_path / "rr" / "litellm.env").read_text()
+    config = tmp_path / "rr" / "config" / "config.yaml"
+    assert CANARY in config.read_text() and stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert CANARY not in (tmp_path / "rr" / "litellm.env").read_text()
 
 
 def running_ids(rig: Rig) -> list[str]:

@@ -1,5 +1,6 @@
 """``agent render``: the motoko stack carries the seed's routing; the GPU hosts carry the seed's
-vLLM launch; secrets appear only in the 0600 env file, and only when revealed."""
+vLLM launch; secrets appear only in the 0600 files (the env file, the proxy config with the
+master key), and only when revealed."""
 
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     assert router["num_retries"] == 0
     assert "allowed_fails" not in router
     assert router["provider_budget_config"] == {"openai": {"budget_limit": 150.0, "time_period": "1mo"}}
-    assert cfg["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
+    assert cfg["general_settings"]["master_key"] == "**REDACTED**"  # the key itself: in the file, not the env
     env = files["litellm.env"]
+    assert "LITELLM_MASTER_KEY" not in env
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in env
     assert "GRACEFUL_SHUTDOWN_TIMEOUT=150" in env  # routing.timeout_s (120) + 30
     compose = yaml.safe_load(files["compose.yaml"])
@@ -80,21 +82,26 @@ def test_secrets_redacted_unless_revealed(repo: Path, tmp_path: Path) -> None:
     for text in files.values():
         for value in SECRET_VALUES:
             assert value not in text
-    assert "LITELLM_MASTER_KEY=**REDACTED**" in files["litellm.env"]
+    assert "OPENAI_API_KEY=**REDACTED**" in files["litellm.env"]
+    assert yaml.safe_load(files["config/config.yaml"])["general_settings"]["master_key"] == "**REDACTED**"
 
     out = tmp_path / "revealed"
     files = render(repo, "motoko", out, "--reveal-secrets")
-    assert "LITELLM_MASTER_KEY=mkt-demo-bearer-token-change-me" in files["litellm.env"]
-    assert stat.S_IMODE((out / "litellm.env").stat().st_mode) == 0o600
+    assert "OPENAI_API_KEY=sk-demo-not-a-real-key" in files["litellm.env"]
+    cfg = yaml.safe_load(files["config/config.yaml"])
+    assert cfg["general_settings"]["master_key"] == "mkt-demo-bearer-token-change-me"
+    for secret in ("litellm.env", "config/config.yaml"):
+        assert stat.S_IMODE((out / secret).stat().st_mode) == 0o600, secret
+    assert "mkt-demo-bearer-token-change-me" not in files["litellm.env"]
     for name, text in files.items():
-        if name != "litellm.env":
+        if name not in ("litellm.env", "config/config.yaml"):
             assert not any(v in text for v in SECRET_VALUES), name
 
 
 def test_secret_from_environment_wins(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENT_SECRET_LITELLM_BEARER_TOKEN", "mkt-from-env")
     files = render(repo, "motoko", tmp_path / "o", "--reveal-secrets")
-    assert "LITELLM_MASTER_KEY=mkt-from-env" in files["litellm.env"]
+    assert yaml.safe_load(files["config/config.yaml"])["general_settings"]["master_key"] == "mkt-from-env"
 
 
 @pytest.mark.parametrize(
@@ -105,22 +112,25 @@ def test_secret_from_environment_wins(repo: Path, tmp_path: Path, monkeypatch: p
         "{{ openai_api_key | reverse }}",
         "{{ openai_api_key | string | list | join }}",
         "{{ (openai_api_key ~ '')[0:12] }}",
+        "{{ litellm_config | with_master_key(openai_api_key) | to_yaml | replace('\\n', ' ') }}",
     ],
 )
 def test_a_secret_outside_the_secret_file_is_refused_even_transformed(repo: Path, roles_copy: Path, use: str) -> None:
-    """Secrets go only where role.yaml says (the 0600 env file): any use elsewhere, through any
+    """Secrets go only where role.yaml says (the 0600 files): any use elsewhere, through any
     filter, is an error, redacted or revealed; a transformed value would pass an exact-value check."""
     edit(
-        roles_copy / "motoko/templates/litellm.config.yaml.j2",
-        "{{ litellm_config | to_yaml }}",
-        f"# key {use}\n{{{{ litellm_config | to_yaml }}}}",
+        roles_copy / "motoko/templates/compose.yaml.j2",
+        "services:",
+        f"# key {use}\nservices:",
     )
     desired = load_desired(repo)
     resolver = SecretResolver.for_repo(repo, identity=DEMO_IDENTITY)
     for reveal in (False, True):
         with pytest.raises(DesiredStateError) as err:
             render_host(desired, "motoko", resolver, reveal=reveal)
-        assert "litellm.config.yaml.j2:6" in str(err.value)
+        assert "compose.yaml.j2:3" in str(err.value)
+        if "with_master_key" in use:
+            assert "used outside the role's secret files" in str(err.value)
         for value in resolver.known_values():
             for shown in (value, value.upper(), value[::-1], value[:12]):
                 assert shown not in str(err.value)

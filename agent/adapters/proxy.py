@@ -44,32 +44,67 @@ def config_ids(config_text: str) -> frozenset[str]:
     )
 
 
+def master_key(config_text: str) -> str | None:
+    """The master key a LiteLLM config sets as a literal (``general_settings.master_key``);
+    ``None`` when it sets none or refers to the environment (``os.environ/...``). The key of
+    the config on disk is the one the proxy's workers hold once reloaded: after a rotation,
+    the new one."""
+    try:
+        data = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return None
+    general = data.get("general_settings") if isinstance(data, dict) else None
+    key = general.get("master_key") if isinstance(general, dict) else None
+    if not isinstance(key, str) or not key or key.startswith("os.environ/"):
+        return None
+    return key
+
+
 def served_ids(url: str, key: str, timeout_s: float = 5.0, client: httpx.Client | None = None) -> frozenset[str] | None:
     """The deployment ids the proxy serves now; ``None`` when it does not answer. Each ask is
     a new connection (``Connection: close``): a kept-alive one would always reach the same
     gunicorn worker, and the question is what *any* worker serves."""
-    ids, _refused = _served(url, key, timeout_s, client)
-    return ids
+    return _served(url, key, timeout_s, client).ids
 
 
-def _served(url: str, key: str, timeout_s: float, client: httpx.Client | None) -> tuple[frozenset[str] | None, bool]:
-    """(ids or None, whether the connection was refused: nothing listens on the port)."""
+#: A worker refused the key: during a rolling reload after a rotation, an old worker still
+#: holding the previous master key (it answers, so the proxy is not silent).
+KEY_REFUSED = "a worker refuses the master key (it still holds the previous one)"
+#: How LiteLLM 1.108.7 refuses a key that is not its master key: without a database it looks
+#: the key up as a virtual key and answers 400 ("No connected db"); 401/403 otherwise.
+REFUSED_KEY_STATUS = frozenset({400, 401, 403})
+
+
+@dataclass(frozen=True)
+class _Answer:
+    ids: frozenset[str] | None = None
+    #: an HTTP answer came back (whatever its status): a worker is alive
+    answered: bool = False
+    #: the connection was refused: nothing listens on the port
+    refused: bool = False
+    status: int | None = None
+
+
+def _served(url: str, key: str, timeout_s: float, client: httpx.Client | None) -> _Answer:
     http = client or httpx.Client(timeout=timeout_s, trust_env=False)
     try:
         headers = {"Authorization": f"Bearer {key}", "Connection": "close"}
         r = http.get(f"{url.rstrip('/')}/v1/model/info", headers=headers)
         if r.status_code != 200:
-            return None, False
+            return _Answer(answered=True, status=r.status_code)
         data: Any = r.json().get("data", [])
-        return frozenset(
+        ids = frozenset(
             str(m["model_info"]["id"])
             for m in data
             if isinstance(m, dict) and isinstance(m.get("model_info"), dict) and "id" in m["model_info"]
-        ), False
+        )
+        return _Answer(ids, answered=True, status=200)
     except httpx.ConnectError:
-        return None, True
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return None, False
+        return _Answer(refused=True)
+    except (ValueError, AttributeError):
+        return _Answer(answered=True, status=200)  # a 200 that is not the model list
+    except httpx.HTTPError:
+        return _Answer()
     finally:
         if client is None:
             http.close()
@@ -99,21 +134,23 @@ def wait_serving(
     streak, last, answered = 0, "no answer", False
     with httpx.Client(timeout=2.0, trust_env=False) as http:
         while time.monotonic() - began < deadline_s:
-            ids, refused = _served(url, key, 2.0, http)
-            if refused and not answered and silent_s is not None:
+            a = _served(url, key, 2.0, http)
+            if a.refused and not answered and silent_s is not None:
                 # Nothing listens on the port (a gunicorn master holds it even while its
                 # workers are wedged): no proxy to wait for, nor a worker to retire.
                 return Serving(False, f"{NOT_LISTENING} ({url})", time.monotonic() - began)
-            answered = answered or ids is not None
+            # Any HTTP answer counts: after a key rotation the old workers refuse the new key
+            # (401) while the new worker boots; they are alive, not wedged.
+            answered = answered or a.answered
             if not answered and silent_s is not None and time.monotonic() - began >= silent_s:
                 return Serving(False, f"{SILENT} ({url})", time.monotonic() - began)
-            if ids is not None and ids == expected:
+            if a.ids is not None and a.ids == expected:
                 streak += 1
                 if streak >= agreeing:
                     return Serving(True, "serving the new routing", time.monotonic() - began)
             else:
                 streak = 0
-                last = "no answer" if ids is None else _diff(expected, ids)
+                last = _what(expected, a)
             sleep(0.1)
     return Serving(False, last, time.monotonic() - began)
 
@@ -126,7 +163,11 @@ def rolling_reload(
     every old worker at once and leaves the port to workers still booting: measured, p99 2 s
     at each reload under 10 req/s, against 0.3 s this way). Once a worker serves the new
     routing, ``retire_old`` sends SIGTTOU (one worker fewer: gunicorn stops the oldest,
-    gracefully), and the proxy must then serve the new routing on every answer."""
+    gracefully), and the proxy must then serve the new routing on every answer.
+
+    ``key`` is the master key of the config being applied: after a rotation the old workers
+    refuse it (401) and only a new worker can pass the first check, so the oldest is never
+    retired before a worker holding the new key serves."""
     first = wait_serving(url, key, expected, deadline_s, agreeing=1, silent_s=SILENT_S)
     wedged = not first.ok and first.detail.startswith(SILENT)
     if not first.ok and not wedged:
@@ -138,6 +179,14 @@ def rolling_reload(
     rest = wait_serving(url, key, expected, deadline_s, silent_s=3 * SILENT_S)
     note = f"{SILENT} for {first.seconds:.0f} s: retired the oldest worker; " if wedged else ""
     return Serving(rest.ok, note + rest.detail, first.seconds + rest.seconds)
+
+
+def _what(expected: Set[str], a: _Answer) -> str:
+    if a.ids is not None:
+        return _diff(expected, a.ids)
+    if a.status in REFUSED_KEY_STATUS:
+        return KEY_REFUSED
+    return f"answered {a.status}" if a.status is not None else "no answer"
 
 
 def _diff(expected: Set[str], ids: Set[str]) -> str:

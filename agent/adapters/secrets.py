@@ -9,7 +9,7 @@ Sources, asked in this order (the first that has the name wins):
    implementation's Rust core; hand-rolled crypto has no place here).
 
 A value never appears in an error message, a log line or a rendered file other than the
-0600 env file.
+0600 secret files (the env file, the gateway's proxy config).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     r = sub.add_parser("render", help="write a host's rendered stack to a directory")
     common(r, host=True)
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--reveal-secrets", action="store_true", help="write secret values into the env file")
+    r.add_argument("--reveal-secrets", action="store_true", help="write secret values into the 0600 secret files")
     pl = sub.add_parser("plan", help="what apply would do against the live engine, with reasons (no change made)")
     common(pl, host=True)
     pl.add_argument("--json", action="store_true")
@@ -276,7 +276,7 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     for path in written:
         print(path)
     if not args.reveal_secrets:
-        print("secrets are redacted; --reveal-secrets writes their values into the 0600 env file", file=sys.stderr)
+        print("secrets are redacted; --reveal-secrets writes their values into the 0600 secret files", file=sys.stderr)
     return 0
 
 

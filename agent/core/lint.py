@@ -305,7 +305,8 @@ def proxy_config(host: Host, rendered: RenderedStack, desired: DesiredState) -> 
     config = rendered.stack.files.get(path) if path else None
     if config is None:
         return []
-    env = [f for f in rendered.stack.files.values() if f.secret]
+    # The env files: the other secret files (the config itself is one: it holds the master key).
+    env = [f for f in rendered.stack.files.values() if f.secret and f.path != path]
     return lint_litellm_config(config.content, f"{rendered.host}:{path} (rendered)", _env_text(env))
 
 
@@ -406,6 +407,21 @@ def no_retries(cfg: ProxyConfig) -> Iterator[Problem]:
             cfg.doc.line_of("router_settings", "num_retries"),
             "num_retries > 0 delays every fallback by seconds",
             "warning",
+        )
+
+
+@proxy_check
+def master_key_set(cfg: ProxyConfig) -> Iterator[Problem]:
+    """LiteLLM 1.108.7 refuses to start without a master key (``general_settings.master_key``,
+    or ``LITELLM_MASTER_KEY`` in its environment)."""
+    general = cfg.data.get("general_settings") or {}
+    key = general.get("master_key") if isinstance(general, dict) else None
+    if (key is None or key == "") and "LITELLM_MASTER_KEY" not in cfg.env_keys:
+        yield Problem(
+            cfg.name,
+            cfg.doc.line_of("general_settings") if "general_settings" in cfg.data else None,
+            "no master key: set general_settings.master_key (the role's template: "
+            "litellm_config | with_master_key(litellm_bearer_token)); the proxy would refuse to start",
         )
 
 

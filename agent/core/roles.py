@@ -24,7 +24,8 @@ class RoleFile(Strict):
     template: str
     path: str
     mode: str = Field("0644", pattern=r"^0[0-7]{3}$")
-    #: True for the env file: the only place secret values may appear.
+    #: True for the files secret values may appear in (the env file; the gateway's proxy
+    #: config, which holds the master key); their mode must keep group and others out.
     secret: bool = False
 
     @field_validator("path")
@@ -34,6 +35,12 @@ class RoleFile(Strict):
         if Path(value).is_absolute() or ".." in parts:
             raise ValueError(f"file path '{value}' must stay inside the stack directory")
         return value
+
+    @model_validator(mode="after")
+    def _private(self) -> RoleFile:
+        if self.secret and int(self.mode, 8) & 0o077:
+            raise ValueError(f"file '{self.path}' holds secrets (secret: true): its mode must be 0600, not {self.mode}")
+        return self
 
 
 class RoleSpec(Strict):

@@ -8,11 +8,13 @@ fleet reports health, every backend counts as healthy):
   it now and why (the first healthy entry of its fallback chain);
 - ``litellm_config(desired, decisions)``: the proxy's config, built to the measured facts in
   ``shared/notes/litellm.md`` (``hosted_vllm/`` for local models, no ``allowed_fails``,
-  ``num_retries: 0``, budget via ``provider_budget_config`` backed by Redis, master key from
-  the environment) and resilient by itself: each alias one model group holding its chain as
-  ordered deployments, a per-deployment cooldown policy, background health checks with
-  routing (never on paid models), separate ``timeout``/``stream_timeout``, and each local
-  deployment's ``max_input_tokens`` from the one context rule (``local_input_limit``).
+  ``num_retries: 0``, budget via ``provider_budget_config`` backed by Redis; the master key is
+  not here: the role's template adds it, ``with_master_key``, into the 0600 file, so a rotated
+  key is a config reload, not a new container environment) and resilient by itself: each
+  alias one model group holding its chain as ordered deployments, a per-deployment cooldown
+  policy, background health checks with routing (never on paid models), separate
+  ``timeout``/``stream_timeout``, and each local deployment's ``max_input_tokens`` from the
+  one context rule (``local_input_limit``).
 
 A change of routing is a change of the rendered config, which the gateway role reloads in
 place (SIGHUP), never restarting the proxy. The config holds which backend serves each alias,
@@ -438,7 +440,6 @@ def litellm_config(
         "router_settings": router,
         "litellm_settings": {"drop_params": True, "num_retries": 0, "request_timeout": policy.request_timeout_s},
         "general_settings": {
-            "master_key": "os.environ/LITELLM_MASTER_KEY",
             # The gateway probes each local deployment itself and routes around the ones that
             # fail (a group's last deployment is never filtered out).
             "background_health_checks": True,

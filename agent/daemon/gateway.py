@@ -30,6 +30,7 @@ from agent.core.errors import AgentError
 from agent.core.outcomes import ActionKind
 from agent.core.ports import Engine
 from agent.core.redact import Redactor
+from agent.core.rendered import project_name
 from agent.core.routing import Health
 from agent.fleet.api import FleetApi
 from agent.fleet.drains import DrainContext
@@ -172,7 +173,8 @@ class GatewayDuty:
             check = proxy.Serving(bool(done["ok"]), str(done["detail"]), float(done["seconds"]))
         else:
             expected = proxy.config_ids(config)
-            check = proxy.wait_serving(view.proxy_url, view.master_key, expected, self.serve_deadline_s)
+            key = proxy.master_key(config) or view.master_key
+            check = proxy.wait_serving(view.proxy_url, key, expected, self.serve_deadline_s)
         self.last_check = {"ok": check.ok, "detail": check.detail, "seconds": round(check.seconds, 2)}
         if check.ok:
             log.info("proxy serves the new routing", seconds=round(check.seconds, 2))
@@ -184,6 +186,13 @@ class GatewayDuty:
                     log.warning("proxy not ready after its reload; restarting it", service=action.target)
                     engine.restart(action.container)
         return False
+
+    def _master_key(self, view: GatewayView) -> str:
+        """The key the proxy holds: the one of the config on disk (the one last applied: a
+        rotation that was rolled back left the previous key there), else the commit's."""
+        project = project_name(self.settings.host, self.settings.project_prefix)
+        config = self._config_on_disk(project, view.proxy_config)
+        return (proxy.master_key(config) if config else None) or view.master_key
 
     def _config_on_disk(self, project: str, relative: str) -> str | None:
         stack_dir = StateStore(self.settings.state_dir).stack_dir(project)
@@ -218,7 +227,7 @@ class GatewayDuty:
         read at most every ``SPEND_CACHE_S``."""
         cached, now = self._spend, self.spend_clock()
         if cached is None or now - cached[0] >= SPEND_CACHE_S:
-            cached = self._spend = (now, proxy.provider_spend(view.proxy_url, view.master_key))
+            cached = self._spend = (now, proxy.provider_spend(view.proxy_url, self._master_key(view)))
         out: dict[str, Any] = {"budget_usd": view.fleet.openai_budget_monthly_usd, "spent_usd": None, "period": "1mo"}
         if cached[1] is not None:
             out.update({k: v for k, v in cached[1].items() if v is not None and v != ""})

@@ -5,10 +5,13 @@ an error carrying the template path, line and the lines around it, never an empt
 The rendered compose text is parsed into our typed ``StackSpec`` (``agent.core.stack``).
 
 Secrets: a ``{secret: NAME}`` variable can be used only in the files the role marks
-``secret`` (the 0600 env file); anywhere else (the compose file, the proxy config, even through
-a filter such as ``| upper``) using it is a template error. In a secret file it renders as
-``**REDACTED**`` unless ``reveal`` is set. Values are resolved through the ``Secrets`` port
-(``agent.core.ports``); no message ever quotes one.
+``secret`` (0600: the env file, the gateway's proxy config); anywhere else (the compose file,
+even through a filter such as ``| upper``) using it is a template error. In a secret file it
+renders as ``**REDACTED**`` unless ``reveal`` is set. ``with_master_key`` puts one into the
+proxy config (``general_settings.master_key``): a rotated key is then a config change, which
+the gateway reloads in place, not an environment change, which recreates the container.
+Values are resolved through the ``Secrets`` port (``agent.core.ports``); no message ever
+quotes one.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class Secret:
     def __str__(self) -> str:
         if self._confined:
             raise SecretMisuse(
-                f"secret '{self.name}' used outside the role's secret file (secrets may go only in a file "
+                f"secret '{self.name}' used outside the role's secret files (secrets may go only in a file "
                 "role.yaml marks 'secret: true')"
             )
         return self._value if self._value is not None else REDACTED
@@ -182,10 +185,30 @@ def _environment(role: Role) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["to_yaml"] = lambda value: dump(value).rstrip("\n")
+    env.filters["to_yaml"] = lambda value: dump(_plain(value)).rstrip("\n")
+    env.filters["with_master_key"] = _with_master_key
     # Jinja's own tojson escapes quotes for HTML; plain JSON is valid YAML and easier to read.
     env.filters["tojson"] = _tojson
     return env
+
+
+def _with_master_key(config: Mapping[str, Any], key: Secret | str) -> dict[str, Any]:
+    """The LiteLLM config with ``general_settings.master_key`` set to ``key`` (a secret: its
+    value, ``**REDACTED**``, or an error outside a secret file, as ``to_yaml`` writes it)."""
+    general = dict(config.get("general_settings") or {})
+    general["master_key"] = key
+    return {**config, "general_settings": general}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ``Secret`` in it as its text (which refuses where it is confined)."""
+    if isinstance(value, Secret):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _tojson(value: Any) -> str:
@@ -256,5 +279,5 @@ def _refuse_leaks(secrets: Secrets, files: dict[str, StackFile], compose: str, c
         for value in values:
             if value in text:
                 raise DesiredStateError.single(
-                    where, None, "a secret value would be written here; secrets belong only in the role's env file"
+                    where, None, "a secret value would be written here; secrets belong only in the role's secret files"
                 )

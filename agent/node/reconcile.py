@@ -277,6 +277,9 @@ class Pass:
             return
         url, key, config = self.gateway
         text = rendered.stack.files[config].content if config in rendered.stack.files else ""
+        # The key of the config being applied (after a rotation, the new one: the old workers
+        # refuse it, so only a worker on the new config passes the check).
+        key = proxy.master_key(text) or key
         for outcome in applied.changed():
             a = outcome.action
             if a.kind is not ActionKind.RELOAD or a.signal != ROLLING_RELOAD or not a.container:
