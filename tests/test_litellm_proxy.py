@@ -126,6 +126,21 @@ def test_rendered_config_serves_the_five_aliases(proxy: dict[str, Proc]) -> None
     assert r.json()["data"][0]["embedding"]
 
 
+def test_a_fresh_proxy_answers_at_once_without_fetching_a_tokenizer(proxy: dict[str, Proc]) -> None:
+    """wintermute serves a "llama-3" model: without ``disable_hf_tokenizer_download`` LiteLLM
+    fetches its tokenizer from the Hugging Face Hub at the first token count, synchronously;
+    offline that blocked the worker 26 s per attempt (failures are not cached), its background
+    health checks timed out and every deployment was cooled down: 429s for everything."""
+    port = proxy["proxy"].port
+    for model in ("local/reasoner", "local/chat", "local/reasoner"):
+        began = time.monotonic()
+        r = chat(port, model)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - began < 15, f"{model}: {time.monotonic() - began:.1f} s"
+    log = proxy["proxy"].log.read_text(errors="replace")
+    assert "Falling back to tiktoken" not in log and "huggingface.co" not in log
+
+
 def test_fallback_chain_when_armitage_is_down(proxy: dict[str, Proc]) -> None:
     proxy["armitage"].stop()
     r = chat(proxy["proxy"].port, "local/chat")

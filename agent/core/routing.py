@@ -438,7 +438,17 @@ def litellm_config(
     return {
         "model_list": model_list,
         "router_settings": router,
-        "litellm_settings": {"drop_params": True, "num_retries": 0, "request_timeout": policy.request_timeout_s},
+        "litellm_settings": {
+            "drop_params": True,
+            "num_retries": 0,
+            "request_timeout": policy.request_timeout_s,
+            # Token counts (the context rule's pre-call check, costs) use tiktoken. Otherwise
+            # LiteLLM fetches a tokenizer from the Hugging Face Hub for a "llama-3" model on
+            # first use, synchronously, and a failed fetch is not cached: measured offline,
+            # 26 s per attempt with the worker's event loop blocked (health checks time out,
+            # every deployment is cooled down, requests get 429).
+            "disable_hf_tokenizer_download": True,
+        },
         "general_settings": {
             # The gateway probes each local deployment itself and routes around the ones that
             # fail (a group's last deployment is never filtered out).
