@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from agent.adapters.fleetclient import HttpxDrains
+from agent.adapters.vllm import DOWN
 from agent.core.health import BackendHealth, Check, Load
 from agent.core.model import DrainPolicy
 from agent.core.outcomes import Failure
@@ -29,17 +30,17 @@ from tests.fleetkit import fleet_api
 from tests.test_drain_leases import NOW, TOKENS, context
 
 READY = BackendHealth(checks=tuple(Check(name=n, ok=True) for n in ("health", "models", "canary")))
-DOWN = BackendHealth.failed("connection refused")
+REFUSED = BackendHealth.failed("connection refused")
 
 
 class ScriptedVllm:
     """Loads and probe results handed out in order (the last one repeats)."""
 
-    def __init__(self, loads: list[Load | None], probes: list[BackendHealth]) -> None:
+    def __init__(self, loads: list[Load | str], probes: list[BackendHealth]) -> None:
         self.loads, self.probes = list(loads), list(probes)
         self.load_reads = 0
 
-    def load(self, api_base: str) -> Load | None:
+    def load(self, api_base: str) -> Load | str:
         self.load_reads += 1
         return self.loads.pop(0) if len(self.loads) > 1 else self.loads[0]
 
@@ -95,7 +96,7 @@ def drain_of(
 def test_a_drain_waits_for_routing_and_idleness_then_gives_the_lease_back(api: FleetApi, client: HttpxDrains) -> None:
     api.drains.routed_out = lambda backends: True
     vllm = ScriptedVllm(
-        [Load(running=2, waiting=1), Load(running=1, waiting=0), Load(running=0, waiting=0)], [DOWN, READY]
+        [Load(running=2, waiting=1), Load(running=1, waiting=0), Load(running=0, waiting=0)], [REFUSED, READY]
     )
     said: list[str] = []
     stages: list[bool] = []
@@ -136,7 +137,7 @@ def test_a_node_waits_for_its_lease_and_says_why(api: FleetApi, client: HttpxDra
 
 def test_no_lease_within_lease_wait_fails_without_replacing(api: FleetApi, client: HttpxDrains) -> None:
     api.drains.out_of_routing = lambda: {"wintermute": "node report stale"}
-    gate = drain_of(target(api.url, lease_wait_s=30), client, ScriptedVllm([None], [READY]), FakeClock(NOW), [], [])
+    gate = drain_of(target(api.url, lease_wait_s=30), client, ScriptedVllm([DOWN], [READY]), FakeClock(NOW), [], [])
     ran = []
     with (
         pytest.raises(DrainNotGranted, match=r"no drain lease within 30s .*wintermute is out of routing"),
@@ -181,9 +182,17 @@ def test_the_drain_deadline_bounds_the_wait_for_idleness(api: FleetApi, client: 
     assert any("drain deadline (45s) passed with 1 running" in line for line in said)
 
 
+def test_gauges_that_time_out_are_a_busy_server_not_an_idle_one(api: FleetApi, client: HttpxDrains) -> None:
+    api.drains.routed_out = lambda backends: True
+    clock = FakeClock(NOW)
+    vllm = ScriptedVllm(["timed out", "timed out", Load(running=1, waiting=0), Load(running=0, waiting=0)], [READY])
+    with drain_of(target(api.url), client, vllm, clock, [], [])("vllm", "image changed"):
+        assert vllm.load_reads == 4, "replaced before its gauges said idle"
+
+
 def test_a_removal_gives_the_lease_back_without_waiting_for_a_canary(api: FleetApi, client: HttpxDrains) -> None:
     api.drains.routed_out = lambda backends: True
-    vllm = ScriptedVllm([Load(running=0, waiting=0)], [DOWN])
+    vllm = ScriptedVllm([Load(running=0, waiting=0)], [REFUSED])
     clock = FakeClock(NOW)
     with drain_of(target(api.url), client, vllm, clock, [], [])("vllm", "removed", comes_back=False):
         pass

@@ -110,12 +110,23 @@ def _metrics(http: httpx.Client, root: str) -> str:
     return r.text
 
 
-def read_load(api_base: str, timeout_s: float = 2.0) -> Load | None:
-    """Requests running and waiting on the vLLM at ``api_base``, from its ``/metrics``; ``None``
-    when it does not answer (a server that is down has nothing in flight to wait for)."""
+#: ``read_load``: nothing listens on the port (a vLLM that is down has nothing in flight).
+DOWN = "not listening"
+
+
+def read_load(api_base: str, timeout_s: float = 2.0) -> Load | str:
+    """Requests running and waiting on the vLLM at ``api_base``, from its ``/metrics``; else why
+    not: ``DOWN`` when nothing listens, another reason (a timeout: a busy server still has
+    requests in flight) otherwise."""
     root = api_base.rstrip("/").removesuffix("/v1")
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False, trust_env=False) as http:
             return parse_vllm_load(_metrics(http, root))
-    except (httpx.HTTPError, _Failed):
-        return None
+    except httpx.ConnectError:
+        return DOWN
+    except httpx.TimeoutException:
+        return "timed out"
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    except _Failed as exc:
+        return str(exc)

@@ -33,7 +33,7 @@ from typing import Protocol
 import structlog
 
 from agent.adapters.fleetclient import DrainAnswer
-from agent.adapters.vllm import probe_backend, read_load
+from agent.adapters.vllm import DOWN, probe_backend, read_load
 from agent.core.health import BackendHealth, Load
 from agent.core.model import DrainPolicy
 from agent.core.ports import Clock, SystemClock
@@ -90,12 +90,12 @@ class DrainState:
 class LocalBackend(Protocol):
     """This host's vLLM, as the drain sees it."""
 
-    def load(self, api_base: str) -> Load | None: ...
+    def load(self, api_base: str) -> Load | str: ...
     def probe(self, api_base: str, served_name: str) -> BackendHealth: ...
 
 
 class HttpBackend:
-    def load(self, api_base: str) -> Load | None:
+    def load(self, api_base: str) -> Load | str:
         return read_load(api_base)
 
     def probe(self, api_base: str, served_name: str) -> BackendHealth:
@@ -269,24 +269,25 @@ class FleetDrain:
         next_say = start + SAY_EVERY_S
         while True:
             load = self.backend.load(self.target.api_base)
-            if load is None or load.idle:
-                waited = self.clock.monotonic() - start
-                self.say(
-                    f"{service}: drained in {waited:.1f}s"
-                    if load is not None
-                    else f"{service}: its vLLM does not answer: nothing in flight to wait for"
-                )
+            if load == DOWN:
+                self.say(f"{service}: its vLLM is not listening: nothing in flight to wait for")
                 return
+            if isinstance(load, Load) and load.idle:
+                self.say(f"{service}: drained in {self.clock.monotonic() - start:.1f}s")
+                return
+            # Busy, or its gauges unreadable (a timeout: a loaded server): keep waiting.
+            now_load = (
+                f"{load.running:g} running, {load.waiting:g} waiting"
+                if isinstance(load, Load)
+                else f"gauges unreadable ({load})"
+            )
             now = self.clock.monotonic()
-            self._set("draining", f"{load.running:g} running, {load.waiting:g} waiting")
+            self._set("draining", now_load)
             if now - start >= deadline or self.stopping():
-                self.say(
-                    f"{service}: drain deadline ({deadline:.0f}s) passed with {load.running:g} running and "
-                    f"{load.waiting:g} waiting; replacing anyway"
-                )
+                self.say(f"{service}: drain deadline ({deadline:.0f}s) passed with {now_load}; replacing anyway")
                 return
             if now >= next_say:
-                self.say(f"{service}: draining: {load.running:g} running, {load.waiting:g} waiting")
+                self.say(f"{service}: draining: {now_load}")
                 next_say = now + SAY_EVERY_S
             self.clock.sleep(IDLE_POLL_S)
 
