@@ -18,7 +18,12 @@ request still unanswered then counts as failed, at 60 s).
 
 Scenarios, each on a fresh proxy (Redis flushed between runs): ``kill`` (armitage's fake
 stopped, then started again on its port), ``hang`` (accepts, never answers; plain
-requests), ``stall`` (200 and headers, then nothing; streamed requests). Phases: 5 s
+requests), ``stall`` (200 and headers, then nothing; streamed requests), ``deploy`` (a planned
+redeploy of armitage: its new version takes ``DEPLOY_LOAD_S`` to load its model; armitage takes
+50 ms per token, so requests are in flight when it stops; streamed requests. ``seed``: the
+Ansible way, restart in place; ``ours``: the agent's drain (lease from the drain desk, out of
+routing, wait until idle, replace, canary, lease back), the fault phase lasting as long as the
+drain and replacement do). Phases: 5 s
 healthy, the fault for 30 s (``--quick``: 15 s), 10 s of recovery. Per phase (by the time a
 request was sent): requests, failed (not a 200 answered by a backend), p50/p99 latency over
 all of them (a failed one with the time it took), who answered (a backend, or the client's
@@ -69,7 +74,11 @@ RATE = 10.0
 CLIENT_TIMEOUT_S = 60.0
 #: requests in flight at most: a wedged proxy holds every request for the client timeout
 MAX_IN_FLIGHT = int(RATE * CLIENT_TIMEOUT_S * 1.5)
-SCENARIOS = ("kill", "hang", "stall")
+SCENARIOS = ("kill", "hang", "stall", "deploy")
+#: ``deploy``: armitage's new version "loads its model" this long (its port closed meanwhile)
+DEPLOY_LOAD_S = 10.0
+#: ``deploy``: armitage takes this long per token (requests are in flight when it stops)
+DEPLOY_TOKEN_DELAY_S = "0.05"
 CONFIGS = ("seed", "ours")
 SERVED = {
     "armitage": "Qwen/Qwen2.5-7B-Instruct-AWQ",
@@ -151,11 +160,18 @@ def redis_cli(port: int, *args: str) -> str:
     return out.stdout.strip()
 
 
-def start_seed(tmp: Path, mode_file: Path) -> dict[str, Proc]:
+def armitage_env(mode_file: Path, scenario: str) -> dict[str, str]:
+    env = {"FAKE_MODE_FILE": str(mode_file)}
+    if scenario == "deploy":
+        env["FAKE_TOKEN_DELAY_S"] = DEPLOY_TOKEN_DELAY_S
+    return env
+
+
+def start_seed(tmp: Path, mode_file: Path, scenario: str) -> dict[str, Proc]:
     procs: dict[str, Proc] = {}
     try:
         for name, served in SERVED.items():
-            env = {"FAKE_MODE_FILE": str(mode_file)} if name == "armitage" else None
+            env = armitage_env(mode_file, scenario) if name == "armitage" else None
             procs[name] = start_fake(tmp, name, served, env=env)
         procs["openai"] = start_fake(tmp, "openai", "gpt-4.1-mini", extra=["gpt-4o-mini"])
         config = tmp / "seed-config.yaml"
@@ -168,7 +184,7 @@ def start_seed(tmp: Path, mode_file: Path) -> dict[str, Proc]:
     return procs
 
 
-def start_ours(tmp: Path, mode_file: Path, redis_port: int) -> tuple[dict[str, Proc], ProcessGateway]:
+def start_ours(tmp: Path, mode_file: Path, redis_port: int, scenario: str) -> tuple[dict[str, Proc], ProcessGateway]:
     repo = tmp / "desired_state"
     shutil.copytree(ROOT / "desired_state", repo)
     # Never undone: the routing loop resolves the same secrets (env AGENT_SECRET_*) while it runs.
@@ -181,10 +197,10 @@ def start_ours(tmp: Path, mode_file: Path, redis_port: int) -> tuple[dict[str, P
             redis_port,
             openai=True,
             budget="150",
-            fake_env={"armitage": {"FAKE_MODE_FILE": str(mode_file)}},
+            fake_env={"armitage": armitage_env(mode_file, scenario)},
             gunicorn=True,
         )
-    gw = ProcessGateway(repo, tmp / "rendered" / "config" / "config.yaml", procs["proxy"], TOKEN)
+    gw = ProcessGateway(repo, tmp / "rendered" / "config" / "config.yaml", procs["proxy"], TOKEN, drains=True)
     return procs, gw.start()
 
 
@@ -258,9 +274,9 @@ def run_one(config: str, scenario: str, fault_s: float, redis_port: int) -> Run:
         mode_file.write_text("ok")
         gw: ProcessGateway | None = None
         if config == "seed":
-            procs = start_seed(tmp, mode_file)
+            procs = start_seed(tmp, mode_file, scenario)
         else:
-            procs, gw = start_ours(tmp, mode_file, redis_port)
+            procs, gw = start_ours(tmp, mode_file, redis_port, scenario)
         try:
             return _drive(config, scenario, fault_s, Stack(procs, gw, mode_file, tmp), began)
         finally:
@@ -280,7 +296,7 @@ class Stack:
 
 def _drive(config: str, scenario: str, fault_s: float, stack: Stack, began: float) -> Run:
     procs, mode_file, tmp = stack.procs, stack.mode_file, stack.tmp
-    stream = scenario == "stall"
+    stream = scenario in ("stall", "deploy")
     warm_up(procs["proxy"].port, stream)
     log(f"{config}/{scenario}: proxy up after {time.monotonic() - began:.1f}s; load starts")
     load = BenchLoad(procs["proxy"].port, TOKEN, stream=stream).start()
@@ -289,16 +305,20 @@ def _drive(config: str, scenario: str, fault_s: float, stack: Stack, began: floa
     loads = [os.getloadavg()[0]]
     t_fault = time.monotonic()
     armitage_port = procs["armitage"].port
-    if scenario == "kill":
+    if scenario == "deploy":
+        redeploy(config, stack)
+    elif scenario == "kill":
         procs["armitage"].stop()
     else:
         mode_file.write_text(scenario)
-    time.sleep(max(0.0, t_fault + fault_s - time.monotonic()))
+    time.sleep(max(0.0, t_fault + fault_s - time.monotonic()) if scenario != "deploy" else 0.0)
     loads.append(os.getloadavg()[0])
     t_rec = time.monotonic()
     if scenario == "kill":
         env = {"FAKE_MODE_FILE": str(mode_file)}
         procs["armitage"] = start_fake(tmp, "armitage", SERVED["armitage"], env=env, port=armitage_port)
+    elif scenario == "deploy":
+        pass  # armitage is back already
     else:
         mode_file.write_text("ok")
     time.sleep(max(0.0, t_rec + RECOVERY_S - time.monotonic()))
@@ -311,6 +331,25 @@ def _drive(config: str, scenario: str, fault_s: float, stack: Stack, began: floa
     seconds = time.monotonic() - began
     log(f"{config}/{scenario}: done in {seconds:.0f}s, {len(failed(outcomes))} of {len(outcomes)} failed")
     return Run(config, scenario, outcomes, phases, loads, reloads, seconds)
+
+
+def redeploy(config: str, stack: Stack) -> None:
+    """armitage's planned redeploy: stop, load the new model, start; ``ours`` inside a drain."""
+    procs = stack.procs
+    port = procs["armitage"].port
+
+    def replace() -> None:
+        procs["armitage"].stop()
+        time.sleep(DEPLOY_LOAD_S)
+        env = armitage_env(stack.mode_file, "deploy")
+        procs["armitage"] = start_fake(stack.tmp, "armitage", SERVED["armitage"], env=env, port=port)
+
+    if stack.gw is None:
+        replace()
+        return
+    gate = stack.gw.drain_gate("armitage", f"http://127.0.0.1:{port}/v1", SERVED["armitage"], say=log)
+    with gate("vllm", "bench: planned redeploy"):
+        replace()
 
 
 # ---------------------------------------------------------------------------- report
