@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters import proxy
 from agent.adapters.engine import DockerEngine, EngineError, EngineUnavailable, NotFound
 from agent.cli import main
 from agent.core import labels as L
@@ -91,7 +92,10 @@ def test_changed_argument_recreates_only_that_service(fleet: Fleet, capsys: pyte
     assert len(after) == 2
 
 
-def test_config_file_change_sends_the_declared_signal(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_file_change_sends_the_declared_signal(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxy, "SILENT_S", 5.0)  # this stand-in never answers: do not wait 30 s
     assert fleet.apply("motoko", capsys)[0] == 0
     [lite] = [c for c in fleet.containers("motoko") if c["name"].endswith("litellm")]
     fleet.edit("fleet.yaml", "openai_budget_monthly_usd: 150", "openai_budget_monthly_usd: 200")
@@ -101,7 +105,7 @@ def test_config_file_change_sends_the_declared_signal(fleet: Fleet, capsys: pyte
     assert reload and reload[0]["signal"] == "SIGTTIN" and reload[0]["changed"] == ["config/config.yaml"]
     time.sleep(0.5)
     # A rolling worker reload: one more worker (TTIN), the oldest retired (TTOU) once a worker
-    # serves the new routing, or once the API has been silent for 5 s (a wedged proxy, as
+    # serves the new routing, or once the API has been silent for SILENT_S (a wedged proxy, as
     # this stand-in, which serves no API, looks): then checked, and reported not serving.
     signals = docker("exec", lite["name"], "cat", "/tmp/signals")
     assert signals.index("TTIN") < signals.index("TTOU"), signals

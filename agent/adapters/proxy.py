@@ -17,8 +17,14 @@ from typing import Any
 import httpx
 import yaml
 
-#: A proxy whose API has not answered once in this many seconds is not waited for.
-SILENT_S = 5.0
+#: A proxy whose API has not answered once in this many seconds is not waited for (its oldest
+#: worker is retired). Longer than a worker's boot on a starved machine (measured: 20 s at load
+#: 10 on two cores): a busy old worker that answers late must not be taken for a wedged one.
+#: (The wedged workers first measured were blocked by a Hugging Face tokenizer fetch, now off:
+#: ``disable_hf_tokenizer_download`` in the rendered config.)
+SILENT_S = 30.0
+#: After the oldest worker was retired, the rest must answer within this many seconds.
+SILENT_AFTER_S = 15.0
 SILENT = "the proxy API does not answer"
 NOT_LISTENING = "nothing listens on the proxy's port"
 
@@ -176,7 +182,7 @@ def rolling_reload(
     # Measured: a stream stalled after its headers wedges LiteLLM's worker (nothing answers,
     # not even /v1/model/info), so a silent proxy has its oldest worker retired too.
     retire_old()
-    rest = wait_serving(url, key, expected, deadline_s, silent_s=3 * SILENT_S)
+    rest = wait_serving(url, key, expected, deadline_s, silent_s=SILENT_AFTER_S)
     note = f"{SILENT} for {first.seconds:.0f} s: retired the oldest worker; " if wedged else ""
     return Serving(rest.ok, note + rest.detail, first.seconds + rest.seconds)
 
