@@ -13,13 +13,16 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.core.errors import AgentError, ConfigError, DesiredStateError, Problem
 from agent.node.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from agent.node.drain import DrainTarget, FleetDrain
 
 
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per flag reads best
@@ -59,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declaration per
     ap.add_argument("--state-dir", type=Path, help="state directory (default $AGENT_STATE_DIR or /var/lib/llm-agent)")
     ap.add_argument("--retry", action="store_true", help="retry a quarantined desired state")
     ap.add_argument("--force", action="store_true", help="apply even while the agent is paused")
+    ap.add_argument(
+        "--no-drain",
+        action="store_true",
+        help="on a GPU host: replace the backend without draining it from the gateway first",
+    )
     ap.add_argument(
         "--health-timeout",
         type=_health_seconds,
@@ -287,6 +295,17 @@ def _write(path: Path, content: str, mode: int) -> Path:
     return path
 
 
+def _drain_for(say: Callable[[str], None]) -> Callable[[DrainTarget], FleetDrain]:
+    """``agent apply`` on a GPU host drains its backend first, as the daemon does."""
+    from agent.adapters.fleetclient import HttpxDrains
+    from agent.node.drain import DrainHooks, FleetDrain
+
+    def drain(target: DrainTarget) -> FleetDrain:
+        return FleetDrain(target, HttpxDrains(), hooks=DrainHooks(say=say))
+
+    return drain
+
+
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from agent.adapters.engine import DockerEngine
     from agent.node.reconcile import PassOptions, reconcile_once
@@ -321,7 +340,12 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  .. {message}", flush=True)
 
     with DockerEngine() as engine, _checkout(settings, deploys=True) as (repo, commit):
-        options = PassOptions(retry_quarantined=args.retry, health_cap_s=args.health_timeout, say=say)
+        options = PassOptions(
+            retry_quarantined=args.retry,
+            health_cap_s=args.health_timeout,
+            say=say,
+            drain=None if args.no_drain else _drain_for(say),
+        )
         result = reconcile_once(settings, engine, repo, commit, options)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
