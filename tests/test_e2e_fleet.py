@@ -2,14 +2,22 @@
 
 Three agents as they run in production (``agent run``, own state dir, project prefix
 ``demo-``), pulling from a bare git remote whose post-receive hook triggers them; LiteLLM
-1.108.7 in its container with Redis; fake vLLMs for armitage and wintermute. The seed's
-verification, a push converging every host, a backend killed under load, a bad push.
+1.108.7 in its container with Redis; fake vLLMs for armitage and wintermute; a fake OpenAI
+(``demo-fake-openai``, the demo's ``openai_api_base``). The seed's verification, a push
+converging every host, a backend killed under load, a bad push, a long prompt sent to
+``openai/strong``, the OpenAI budget spent, wintermute switched to Gemma.
+
+One fleet for the module, the tests in file order: each leaves the fleet as the next expects
+(a test that pushes waits for the fleet to apply the head first: ``Fleet.settle``); the last
+one leaves wintermute on Gemma.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from agent.adapters.secrets import SecretResolver
 from tests.conftest import DEMO_IDENTITY
@@ -27,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "scripts" / "demo"
 PROXY = "http://127.0.0.1:18000"
 ALIASES = {"local/chat", "local/reasoner", "local/embed", "openai/strong", "openai/cheap"}
+FAKE_VLLM = {"armitage": "http://127.0.0.1:18001", "wintermute": "http://127.0.0.1:18002"}
+HOSTS = ("motoko", "armitage", "wintermute")
+GEMMA = "google/gemma-2-9b-it-AWQ"  # the seed's alternative for wintermute
 
 
 class Fleet:
@@ -69,7 +81,59 @@ class Fleet:
         git = ["git", "-C", str(self.work), "-c", "user.name=t", "-c", "user.email=t@t"]
         subprocess.run([*git, "commit", "-qam", message], check=True)
         subprocess.run([*git, "push", "-q"], check=True, capture_output=True)
-        return subprocess.run([*git, "rev-parse", "HEAD"], check=True, text=True, capture_output=True).stdout.strip()
+        return self.head()
+
+    def head(self) -> str:
+        git = ["git", "-C", str(self.work), "rev-parse", "HEAD"]
+        return subprocess.run(git, check=True, text=True, capture_output=True).stdout.strip()
+
+    def read(self, path: str) -> dict:  # type: ignore[type-arg]
+        return dict(yaml.safe_load((self.work / path).read_text()))
+
+    def set(self, path: str, key: str, value: str, message: str) -> str:
+        """Push a commit that sets the (uncommented) ``key:`` line of ``path`` to ``value``."""
+        text = (self.work / path).read_text()
+        line = re.compile(rf"^([ \t]*{re.escape(key)}:[ \t]*)[^#\n]*?([ \t]*(#.*)?)$", re.MULTILINE)
+        assert len(line.findall(text)) == 1, f"one '{key}:' line in {path}"
+        old = line.search(text)
+        assert old is not None
+        return self.push(path, old.group(0), f"{old.group(1)}{value}{old.group(2)}", message)
+
+    def applied(self, commit: str, hosts: tuple[str, ...] = HOSTS) -> bool:
+        """Every host of ``hosts`` runs ``commit`` (a last pass that converged), the backends ready."""
+        for h in hosts:
+            view = self.status(h)
+            if view.get("applied_commit") != commit or (view.get("last_run") or {}).get("result") != "converged":
+                return False
+        fleet = {f["host"]: f for f in self.status().get("fleet") or []}
+        return all(fleet.get(h, {}).get("stage") == "ready" for h in hosts if h != "motoko")
+
+    def summary(self) -> str:
+        """Each host's applied commit and last pass, and the backends' stage in motoko's view (for messages)."""
+        out = []
+        for h in HOSTS:
+            view = self.status(h)
+            last = view.get("last_run") or {}
+            out.append(
+                f"{h}: applied {str(view.get('applied_commit'))[:12]}, last pass {str(last.get('commit'))[:12]} "
+                f"{last.get('result')} {last.get('failure') or ''} {str(last.get('error') or '')[:200]}"
+            )
+        fleet = {f["host"]: f for f in self.status().get("fleet") or []}
+        out += [f"motoko sees {h}: {({k: v for k, v in f.items() if k in ('commit', 'stage', 'health', 'model')})}"
+                for h, f in sorted(fleet.items())]  # fmt: skip
+        return "\n".join(out)
+
+    def settle(self, timeout_s: float = 90) -> str:
+        """Wait for the fleet to apply the head of the working clone (what a test before pushed)."""
+        head = self.head()
+        assert wait_until(lambda: self.applied(head), timeout_s, step=1), f"head {head[:12]}\n{self.summary()}"
+        return head
+
+    def openai_fake(self) -> str:
+        """The fake OpenAI's URL (no ``/v1``): the demo's ``openai_api_base``."""
+        base = self.read("fleet.yaml").get("openai_api_base")
+        assert base, "the demo's fleet.yaml sets openai_api_base (scripts/demo: the fake OpenAI)"
+        return str(base).removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +243,138 @@ def test_a_bad_push_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
     # before for up to cooldown_s, 30 s).
     assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2)
     fleet.push("hosts/armitage.yaml", "serves: [local/chat\n", "serves: [local/chat]\n", "fix")
+
+
+# --------------------------------------------------------------------------- OpenAI, Gemma
+
+
+def requests_to(url: str, after: int = 0) -> list[dict]:  # type: ignore[type-arg]
+    """API requests a fake received after its request number ``after`` (``/fake/stats``)."""
+    stats = httpx.get(f"{url}/fake/stats", timeout=10).json()
+    assert "requests" in stats, f"{url} is an old fake-vllm image (no request log): run scripts/images"
+    return [e for e in stats["requests"] if e["n"] > after]
+
+
+def last_request(url: str) -> int:
+    got = requests_to(url)
+    return max((e["n"] for e in got), default=0)
+
+
+def ask(token: str, model: str, words: int) -> httpx.Response:
+    prompt = " ".join(["hello"] * words)  # " hello" is one token for LiteLLM's tokenizer, one word for the fakes
+    return httpx.post(
+        f"{PROXY}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8},
+        timeout=60,
+    )
+
+
+def answer(r: httpx.Response) -> str:
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:500]}"
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def who(r: httpx.Response) -> str:
+    """The proxy's own account of a response, for failure messages."""
+    keys = ("x-litellm-model-group", "x-litellm-model-id", "x-litellm-model-api-base", "x-litellm-attempted-fallbacks")
+    return ", ".join(f"{k.removeprefix('x-litellm-')}={r.headers.get(k)}" for k in keys)
+
+
+def test_a_prompt_over_12000_tokens_is_answered_by_openai_strong_and_never_reaches_a_local_backend(
+    fleet: Fleet,
+) -> None:
+    fleet.settle()
+    desired = fleet.read("fleet.yaml")
+    routing = desired["routing"]
+    assert routing["max_input_tokens"] == 12000 and routing["long_context_alias"] == "openai/strong"
+    strong, openai = desired["openai_strong_model"], fleet.openai_fake()
+    marks = {url: last_request(url) for url in (openai, *FAKE_VLLM.values())}
+    long = 13_000
+    began = time.monotonic()
+    r = ask(fleet.token(), "local/chat", long)
+    assert answer(r) == f"fake:{strong}@openai", f"answered by {answer(r)!r} ({who(r)})"
+    print(f"{long}-token prompt to local/chat answered by openai/strong in {time.monotonic() - began:.2f} s ({who(r)})")
+    got = [(e["model"], e["status"]) for e in requests_to(openai, marks[openai]) if e["words"] >= long]
+    assert got == [(strong, 200)], f"the fake OpenAI received {got}"
+    for host, url in FAKE_VLLM.items():
+        # The proxy's health probes are a few words; only the test's prompt is long.
+        reached = [e for e in requests_to(url, marks[url]) if e["words"] > 1000]
+        assert reached == [], f"the long prompt reached {host}'s backend: {reached} ({who(r)})"
+
+
+def provider_spend(token: str) -> float:
+    r = httpx.get(f"{PROXY}/provider/budgets", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    return float(r.json()["providers"]["openai"]["spend"] or 0)
+
+
+def settled_spend(token: str) -> float:
+    """The proxy's OpenAI spend once it stops moving (recorded after each answer, then synced to Redis)."""
+    last = provider_spend(token)
+    for _ in range(10):
+        time.sleep(1.5)
+        now = provider_spend(token)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def test_once_the_openai_budget_is_spent_openai_is_answered_by_local_chat(fleet: Fleet) -> None:
+    fleet.settle()
+    token, openai = fleet.token(), fleet.openai_fake()
+    original = fleet.read("fleet.yaml")["openai_budget_monthly_usd"]
+    # A budget a few requests above what is spent already (the tests before spent some): the
+    # first requests are OpenAI's, then the spend passes it. 1,000 prompt tokens of
+    # gpt-4o-mini cost LiteLLM 0.00015 USD.
+    spent = settled_spend(token)
+    budget = math.ceil((spent + 0.0005) * 1e6) / 1e6
+    commit = fleet.set("fleet.yaml", "openai_budget_monthly_usd", f"{budget:.6f}", "e2e: a tiny OpenAI budget")
+    try:
+        assert wait_until(lambda: fleet.applied(commit, ("motoko",)), 60, step=1), fleet.summary()
+        by_openai, local = 0, None
+        for _ in range(40):
+            mark = last_request(openai)
+            r = ask(token, "openai/cheap", 1000)
+            if answer(r).endswith("@openai"):
+                by_openai += 1
+                continue
+            local = r
+            reached = [e for e in requests_to(openai, mark) if e["words"] >= 1000]
+            assert reached == [], f"over budget, the request still reached the fake OpenAI: {reached}"
+            break
+        # What the proxy shows as spent lags its routing by a sync (each worker's cache, Redis).
+        wait_until(lambda: provider_spend(token) > budget, 15, step=1)
+        spend = provider_spend(token)
+        print(f"budget {budget} USD (spent before {spent:.7f}): {by_openai} answers by OpenAI, then local ({spend})")
+        assert by_openai >= 1, "the budget was spent before the first request: the test measured nothing"
+        assert local is not None, f"{by_openai} answers by OpenAI, none local: budget {budget} USD, spend {spend}"
+        chat_backend = fleet.read("hosts/armitage.yaml")["vars"]["model_hf_id"]
+        assert answer(local) == f"fake:{chat_backend}@armitage", f"{answer(local)!r} ({who(local)})"
+        assert spend > budget
+        strong = ask(token, "openai/strong", 10)
+        assert answer(strong) == f"fake:{chat_backend}@armitage", f"openai/strong: {answer(strong)!r} ({who(strong)})"
+    finally:
+        fleet.set("fleet.yaml", "openai_budget_monthly_usd", str(original), "e2e: the budget back")
+
+
+def test_wintermute_switched_to_gemma_by_a_push_serves_it_and_routing_follows(fleet: Fleet) -> None:
+    """Last: leaves wintermute on Gemma."""
+    fleet.settle()
+    token = fleet.token()
+    before = fleet.read("hosts/wintermute.yaml")["vars"]["model_hf_id"]
+    assert before != GEMMA and "@wintermute" in answer(chat(token, "local/reasoner"))
+    commit = fleet.set("hosts/wintermute.yaml", "model_hf_id", GEMMA, "wintermute: gemma")
+    began = time.monotonic()
+    assert wait_until(lambda: fleet.applied(commit), 120, step=1), f"{commit[:12]} not applied:\n{fleet.summary()}"
+    served = [m["id"] for m in httpx.get(f"{FAKE_VLLM['wintermute']}/v1/models", timeout=10).json()["data"]]
+    assert served == [GEMMA], served
+    replies: list[str] = []
+
+    def follows() -> bool:
+        r = chat(token, "local/reasoner")
+        replies.append(f"{r.status_code} {r.text[:200]} ({who(r)})")
+        return r.status_code == 200 and answer(r) == f"fake:{GEMMA}@wintermute"
+
+    assert wait_until(follows, 60, step=1), replies[-3:]
+    print(f"wintermute on Gemma, local/reasoner answered by it {time.monotonic() - began:.1f} s after the push")

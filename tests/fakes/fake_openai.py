@@ -9,11 +9,16 @@ GET /health, GET /v1/models, POST /v1/chat/completions (``stream`` too), /v1/com
 (also the ``x-fake-server`` header). Like vLLM: an unknown ``model`` gets 404; with
 ``--api-key`` /v1/* needs ``Authorization: Bearer <key>``; with ``--max-model-len`` a prompt
 whose word count plus ``max_tokens`` exceeds it gets 400 "maximum context length".
+``--served-model-name '*'`` takes any ``model`` (a stand-in for OpenAI itself, answering
+every model it is asked for under that model's name).
 
 GET /metrics serves vLLM's load gauges (``vllm:num_requests_running`` / ``_waiting``: the
 requests in flight, of which those beyond ``--max-num-seqs`` wait for a slot); GET /fake/stats
-counts what was received per path; GET /fake/mode shows the mode, POST /fake/mode
-``{"mode": "hang"}`` sets it (written to FAKE_MODE_FILE when set). /fake/* ignores the mode.
+counts what was received per path (``received``) and lists the last API requests
+(``requests``: ``{"n", "path", "model", "words", "status"}``, ``n`` counting from 1, the last
+1,000 kept; a test tells its own long prompt from the proxy's short health probes by
+``words``); GET /fake/mode shows the mode, POST /fake/mode ``{"mode": "hang"}`` sets it
+(written to FAKE_MODE_FILE when set). /fake/* ignores the mode.
 
 Environment: FAKE_MODE=ok|hang|error|stall (hang: read the request, never answer; error: 500
 on /health and /v1/*; stall: /v1/* answers its headers, then nothing), FAKE_DELAY_S (added
@@ -29,6 +34,7 @@ One line per request on stderr. SIGTERM exits 0.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -45,6 +51,7 @@ from typing import Any
 
 MODES = ("ok", "hang", "error", "stall")
 DEFAULT_MAX_TOKENS = 16
+KEPT_REQUESTS = 1000
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -81,6 +88,8 @@ class FakeServer(ThreadingHTTPServer):
         self.waiting = 0
         self.slots = threading.BoundedSemaphore(max(1, args.max_num_seqs))
         self.received: dict[str, int] = {}
+        self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=KEPT_REQUESTS)
+        self.seen = 0  # API requests received, the ``n`` of the last one in ``requests``
         self.lock = threading.Lock()
         super().__init__((args.host, args.port), Handler)
         host = "127.0.0.1" if args.host in ("", "0.0.0.0") else args.host
@@ -171,9 +180,17 @@ class Handler(BaseHTTPRequestHandler):
             self.fake_api(path, body)
             return
         counted = path.startswith("/v1/")
+        entry: dict[str, Any] = {}
         with self.server.lock:
             self.server.received[path] = self.server.received.get(path, 0) + 1
             self.server.in_flight += counted
+            if counted:
+                self.server.seen += 1
+                got = body or {}
+                prompt = got.get("messages", got.get("prompt", got.get("input")))
+                entry = {"n": self.server.seen, "path": path, "model": got.get("model"), "words": words(prompt)}
+                entry["status"] = None
+                self.server.requests.append(entry)
         try:
             if mode == "stall" and counted:
                 self.stall(body or {})
@@ -190,6 +207,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with self.server.lock:
                 self.server.in_flight -= counted
+                if entry:
+                    entry["status"] = self.status or None
             ms, status = (time.monotonic() - start) * 1000, self.status or "-"
             self.log_message("%s %s %s %s %.0fms", self.command, self.path, status, mode, ms)
 
@@ -239,7 +258,8 @@ class Handler(BaseHTTPRequestHandler):
         body = body or {}
         if body.get("_bad"):
             return self.fail(400, "request body is not a JSON object", "BadRequestError")
-        if body.get("model") not in (None, *self.server.args.served_model_name):
+        served = self.server.args.served_model_name
+        if "*" not in served and body.get("model") not in (None, *served):
             return self.fail(404, f"The model `{body['model']}` does not exist.", "NotFoundError")
         with self.server.slot():
             handler(body)
@@ -248,7 +268,10 @@ class Handler(BaseHTTPRequestHandler):
         """The fake's own controls; they answer whatever the mode."""
         server = self.server
         if path == "/fake/stats" and body is None:
-            return self.send_json(200, {"received": server.received, "in_flight": server.in_flight})
+            with server.lock:
+                stats = {"received": dict(server.received), "in_flight": server.in_flight,
+                         "requests": [dict(e) for e in server.requests]}  # fmt: skip
+            return self.send_json(200, stats)
         if path == "/fake/mode" and body is None:
             return self.send_json(200, {"mode": server.mode()})
         if path == "/fake/mode" and (mode := (body or {}).get("mode")) in MODES:
