@@ -34,7 +34,7 @@ import httpx
 import pytest
 
 from tests.gatewaykit import Load, failed, pct, wait_until
-from tests.test_e2e_fleet import DEMO, PROXY, Fleet
+from tests.test_e2e_fleet import DEMO, PROXY, Fleet, keep_logs
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.e2e]
 GPU_HOSTS = ("armitage", "wintermute")
@@ -112,6 +112,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrainFleet]:
         assert wait_until(lambda: f.settled(commit), 240, step=2), f.status()
         yield f
     finally:
+        keep_logs(home)
         subprocess.run([str(DEMO), "down"], env=f.env, check=False, capture_output=True, timeout=300)
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -145,7 +146,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         yield f
     finally:
+        keep_logs(home)
         subprocess.run([str(DEMO), "down"], env=f.env, check=False, capture_output=True, timeout=300)
+
+
+def keep_logs(home: Path) -> None:
+    """The agents' logs, kept for a failed run (``$LLM_AGENT_ARTIFACTS`` or tests/artifacts/)."""
+    out = Path(os.environ.get("LLM_AGENT_ARTIFACTS") or ROOT / "tests" / "artifacts") / home.name
+    out.mkdir(parents=True, exist_ok=True)
+    for log in (home / "logs").glob("*.log"):
+        shutil.copy(log, out / log.name)
 
 
 def chat(token: str, model: str = "local/chat") -> httpx.Response:

@@ -149,7 +149,9 @@ class Motoko:
         )
 
     def gateway_duty(self, settings: Settings, redactor: Any, trigger: Callable[[], object]) -> GatewayDuty:
-        return GatewayDuty(settings, redactor, self.trigger, probe=self.probe, serve_deadline_s=self.serve_deadline_s)
+        duty = GatewayDuty(settings, redactor, self.trigger, probe=self.probe, serve_deadline_s=self.serve_deadline_s)
+        duty.ready_window_s = 1.0  # no proxy answers here: do not wait 30 s to say so
+        return duty
 
     def trigger(self) -> None:
         self.triggers += 1

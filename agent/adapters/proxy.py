@@ -123,6 +123,18 @@ def ready(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def ready_within(url: str, window_s: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Whether the proxy says it is ready at least once within ``window_s`` (one slow answer on
+    a loaded machine is not a dead proxy: a restart of a live one is an outage of a minute)."""
+    end = time.monotonic() + window_s
+    while True:
+        if ready(url, timeout_s=5.0):
+            return True
+        if time.monotonic() >= end:
+            return False
+        sleep(2.0)
+
+
 def wait_serving(
     url: str,
     key: str,

@@ -44,6 +44,9 @@ log = structlog.get_logger("agent.gateway")
 
 #: How long a reloaded proxy has to serve the new routing before it is checked for readiness.
 SERVE_DEADLINE_S = 30.0
+#: A proxy not serving the new routing is restarted only if it has not said it is ready once
+#: in this long (a restart is an outage of a minute; a slow answer is not a dead proxy).
+READY_WINDOW_S = 30.0
 #: How long the proxy's spend, as read for ``agent status``, is reused (status stays fast).
 SPEND_CACHE_S = 10.0
 
@@ -63,6 +66,9 @@ class GatewayDuty:
         self.trigger = trigger
         self.probe = probe
         self.serve_deadline_s = serve_deadline_s
+        #: how long a proxy that does not serve the new routing has to say it is ready at all
+        #: before it is restarted
+        self.ready_window_s = READY_WINDOW_S
         self.view: GatewayView | None = None
         self.api: FleetApi | None = None
         self.loop: RoutingLoop | None = None
@@ -180,7 +186,7 @@ class GatewayDuty:
             log.info("proxy serves the new routing", seconds=round(check.seconds, 2))
             return True
         log.error("proxy does not serve the new routing", detail=check.detail)
-        if not proxy.ready(view.proxy_url):
+        if not proxy.ready_within(view.proxy_url, self.ready_window_s):
             for action in reloads:
                 if action.container:
                     log.warning("proxy not ready after its reload; restarting it", service=action.target)
