@@ -165,3 +165,37 @@ def test_a_slow_start_is_reported_while_waiting_with_the_last_log_line(tmp_path:
     assert len(notes) >= 3, said  # about one every 15 s of a 60 s wait
     assert "last log line: INFO loading model weights 40%" in notes[0]
     assert clock.slept >= 60
+
+
+def reload_stack(conf: str) -> StackSpec:
+    doc = compose(ports=True, healthcheck=True)
+    files = {"conf/app.conf": StackFile(path="conf/app.conf", content=conf)}
+    return parse_compose(load(yaml.safe_dump(doc), "t"), "p", files)
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_a_rolling_reload_checked_by_the_pass_is_not_undone_by_a_failing_healthcheck(
+    tmp_path: Path, checked: bool
+) -> None:
+    """The gateway's SIGTTIN reload: an old worker finishing long streams answers its readiness
+    503 (the container's healthcheck fails) while the new worker serves. That is checked by the
+    pass (serving); a restart there would be an outage."""
+    engine = FakeEngine(IMG)
+    old = reload_stack("old\n")
+    cid = engine.add("p-web-1", container_labels(old, desired_service(old, "web", "sha256:img"), "h", "c0"), "web:1")
+    engine.containers[cid].has_healthcheck = True
+    engine.containers[cid].health = "unhealthy"
+    engine.ensure_network("p_default", "p", "default", "bridge")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.conf").write_text("old\n")
+    new = reload_stack("new\n")
+    actions = plan(new, engine.observe("p", ["web:1"]), {"web": "signal:SIGTTIN"})
+    assert [a.kind for a in actions] == ["reload"]
+    rollout = Rollout("h", "c1", checked_signals=frozenset({"SIGTTIN"}) if checked else frozenset())
+    result = Executor(engine, tmp_path, rollout, FakeClock()).apply(new, actions)
+    restarts = [op for op in engine.calls if op[0] == "restart"]
+    if checked:
+        assert result.ok, result.error
+        assert restarts == [] and (tmp_path / "conf" / "app.conf").read_text() == "new\n"
+    else:  # any other reload: no passing healthcheck, the old files back and a restart
+        assert not result.ok and restarts and (tmp_path / "conf" / "app.conf").read_text() == "old\n"

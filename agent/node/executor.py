@@ -139,6 +139,11 @@ class Rollout:
     #: stops them, and how (None: not drained)
     drained: frozenset[str] = frozenset()
     drain: DrainFn | None = None
+    #: reload signals whose outcome the pass checks itself (the gateway's rolling worker reload:
+    #: does a worker serve the new routing?): the container's healthcheck is not waited for.
+    #: (An old gunicorn worker finishing long streams answers its readiness 503 for minutes,
+    #: measured; taken for a failed reload, the proxy was restarted: an outage.)
+    checked_signals: frozenset[str] = frozenset()
 
 
 class Executor:
@@ -358,7 +363,7 @@ class Executor:
         self.say(f"{want.spec.name}: sending {sig} ({reason})")
         sent = self.clock.time()
         self.engine.signal(cid, sig)
-        why = self._verify_reload(want, cid, sent)
+        why = self._verify_reload(want, cid, sent, sig)
         if why is None:
             record_files(self.stack_dir, cid, want, self.rollout.commit)
             return
@@ -369,8 +374,8 @@ class Executor:
             raise ServiceFailed(f"reload with {sig} failed ({why}) and restart failed: {exc}") from None
         raise ServiceFailed(f"reload with {sig} failed ({why}); old files restored, restarted", True)
 
-    def _verify_reload(self, want: Desired, cid: str, sent: float) -> str | None:
-        hc = want.spec.healthcheck
+    def _verify_reload(self, want: Desired, cid: str, sent: float, sig: str = "") -> str | None:
+        hc = None if sig in self.rollout.checked_signals else want.spec.healthcheck
         settle = self.rollout.reload_settle_s
         end = self.clock.monotonic() + (settle if hc is None else health_deadline(want.spec, self.rollout.health_cap_s))
         self.clock.sleep(min(settle, 0.5))

@@ -381,6 +381,8 @@ class Pass:
             start_retries=start_retries,
             compose=self.compose,
             drained=self.drained,
+            # The gateway's rolling reload is checked by finish_rolling_reloads (serving).
+            checked_signals=frozenset({ROLLING_RELOAD}) if self.gateway is not None else frozenset(),
             drain=o.drain(self.drain_target) if o.drain is not None and self.drain_target is not None else None,
         )
 
