@@ -181,9 +181,11 @@ def test_a_lease_not_renewed_expires_and_frees_the_chain(api: FleetApi) -> None:
     clock: Clock = api.drains.clock  # type: ignore[assignment]
     assert ask(api, "armitage").status_code == 200
     assert api.drains.drained_backends() == {"armitage"}
+    assert 'llm_fleet_drain_lease{host="armitage"} 1.0' in httpx.get(f"{api.url}/metrics", timeout=5).text
     clock.now += 61
     assert api.drains.drained_backends() == frozenset()
     assert rollout(api)["leases"][0]["state"] == "expired"
+    assert 'llm_fleet_drain_lease{host="armitage"} 0.0' in httpx.get(f"{api.url}/metrics", timeout=5).text
     assert ask(api, "wintermute").status_code == 200
 
 

@@ -251,8 +251,15 @@ class _StoreCollector(Collector):
         age = GaugeMetricFamily("llm_fleet_report_age_seconds", "Seconds since a host's last report.", labels=["host"])
         for host, seconds in self.api.store.ages(self.api.clock()).items():
             age.add_metric([host], seconds)
+        leases = GaugeMetricFamily(
+            "llm_fleet_drain_lease", "1 while a host holds an active drain lease.", labels=["host"]
+        )
+        now = self.api.clock()
+        for lease in self.api.store.leases():
+            leases.add_metric([lease.host], 1.0 if lease.active(now) else 0.0)
         yield accepted
         yield age
+        yield leases
 
 
 class _Handler(JsonHandler):
