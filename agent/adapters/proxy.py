@@ -226,7 +226,7 @@ def wait_generation(
                 return Serving(True, "a worker accepts the new keys", time.monotonic() - began)
             if a.answered:
                 last = f"{OLD_KEYS} (generation {a.generation or 'none'}, not {generation})"
-            sleep(0.1)
+            sleep(0.25)  # each probe is a refusal in the proxy's log: not ten a second
     return Serving(False, last, time.monotonic() - began)
 
 
