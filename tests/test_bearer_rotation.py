@@ -388,3 +388,27 @@ def test_nothing_listening_is_said_at_once() -> None:
     check = proxy.wait_generation(f"http://127.0.0.1:{free_port()}", "0" * 16, 10, silent_s=5)
     assert not check.ok and check.detail.startswith(proxy.NOT_LISTENING)
     assert time.monotonic() - began < 3
+
+
+def test_agent_apply_runs_the_second_step_too(
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``agent apply`` by hand does what the daemon does: a pass that began a rotation is
+    followed by the next one in the same command."""
+    from agent.cli.commands import main
+    from agent.node import reconcile
+
+    results = [
+        PassResult(host="motoko", result=PassOutcome.CONVERGED, follow_up=bearer.ROTATION_FOLLOW_UP),
+        PassResult(host="motoko", result=PassOutcome.CONVERGED),
+    ]
+    calls: list[str] = []
+
+    def fake_pass(*args: object, **kwargs: object) -> PassResult:
+        calls.append("pass")
+        return results[len(calls) - 1]
+
+    monkeypatch.setattr(reconcile, "reconcile_once", fake_pass)
+    code = main(["apply", "--host", "motoko", "--repo", str(repo), "--state-dir", str(tmp_path / "state")])
+    assert code == 0 and calls == ["pass", "pass"]
+    assert bearer.ROTATION_FOLLOW_UP in capsys.readouterr().out
