@@ -16,7 +16,7 @@ from agent.cli.commands import main
 from agent.core.errors import DesiredStateError
 from agent.desired.load import load_desired
 from agent.desired.render import render_host
-from tests.conftest import DEMO_IDENTITY
+from tests.conftest import DEMO_IDENTITY, ROOT
 from tests.test_validate import edit
 
 SECRET_VALUES = ("sk-demo-not-a-real-key", "mkt-demo-bearer-token-change-me")
@@ -29,7 +29,7 @@ def render(repo: Path, host: str, out: Path, *extra: str) -> dict[str, str]:
 
 def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     files = render(repo, "motoko", tmp_path / "out")
-    assert set(files) == {"compose.yaml", "config/config.yaml", "litellm.env"}
+    assert set(files) == {"compose.yaml", "config/config.yaml", "config/fleet_auth.py", "litellm.env"}
     cfg: dict[str, Any] = yaml.safe_load(files["config/config.yaml"])
     groups: dict[str, list[dict[str, Any]]] = {}
     for m in cfg["model_list"]:
@@ -66,6 +66,10 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     assert "allowed_fails" not in router
     assert router["provider_budget_config"] == {"openai": {"budget_limit": 150.0, "time_period": "1mo"}}
     assert cfg["general_settings"]["master_key"] == "**REDACTED**"  # the key itself: in the file, not the env
+    # The keys accepted, through the role's auth module next to the config (digests; redacted here).
+    assert cfg["general_settings"]["custom_auth"] == "fleet_auth.user_api_key_auth"
+    assert cfg["general_settings"]["llm_agent_accepted_key_sha256"] == ["**REDACTED**"]
+    assert files["config/fleet_auth.py"] == (ROOT / "roles/motoko/templates/fleet_auth.py").read_text()
     env = files["litellm.env"]
     assert "LITELLM_MASTER_KEY" not in env
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in env

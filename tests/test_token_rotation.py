@@ -7,9 +7,12 @@ newly encrypted secret changes only ``config/config.yaml``, which the role reloa
 oldest once a worker serves it; ``agent.adapters.proxy.rolling_reload``).
 
 The unit test plans a token-only change against what the previous render applied. The slow one
-rotates the key of the real LiteLLM proxy (1.108.7, gunicorn, Redis) under load, doing what a
-pass does: render with the new key, replace the file by rename, SIGTTIN, ``rolling_reload``
-with the key of the config being applied.
+rotates the key of the real LiteLLM proxy (1.108.7, gunicorn, Redis) under load in the two
+reloads the agent does (``agent.core.bearer``; tests/test_bearer_rotation.py has the rule and
+the passes): the first config holds the new master key and accepts both keys through the
+role's auth module, the second accepts the new key alone. Each step does what a pass does:
+render with the key on disk as the previous one, replace the file by rename, SIGTTIN,
+``rolling_reload`` told the generation of the new list of keys.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from agent.adapters import proxy
 from agent.adapters.fs import write_atomic
 from agent.adapters.secrets import EnvSecrets, SecretResolver
 from agent.cli.commands import main
+from agent.core import bearer
 from agent.core.observed import Observed, ObservedContainer
 from agent.core.outcomes import ActionKind
 from agent.core.plan import container_labels, container_name, desired_service, network_name, plan
@@ -123,88 +127,94 @@ def status_with(port: int, key: str) -> int:
     return r.status_code
 
 
+def rotation_step(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, config: Path, master: int, url: str
+) -> tuple[proxy.Serving, float, float]:
+    """One pass's part of a rotation, as ``Pass`` does it: render with the config on disk's
+    key as the previous one, replace the file by rename, SIGTTIN, ``rolling_reload`` told the
+    generation of the new list of keys (a new worker is known by it), SIGTTOU."""
+    previous = proxy.master_key(config.read_text())
+    monkeypatch.setenv(EnvSecrets.var("litellm_bearer_token"), NEW)
+    resolver = SecretResolver.for_repo(repo, identity=DEMO_IDENTITY)
+    rendered = render_host(load_desired(repo), "motoko", resolver, reveal=True, previous_master_key=previous)
+    text = rendered.stack.files[CONFIG].content
+    write_atomic(config, text.encode(), 0o600)
+    generation = bearer.generation(list(proxy.accepted_digests(text)))
+    began = time.monotonic()
+
+    def retire() -> None:
+        os.kill(master, signal.SIGTTOU)
+
+    os.kill(master, signal.SIGTTIN)
+    check = proxy.rolling_reload(url, NEW, proxy.config_ids(text), retire, 60, generation)
+    return check, began, time.monotonic()
+
+
+def _backend_cooldown(by: str) -> bool:
+    """LiteLLM's answer when the fake backends failed or were cooled down (not the proxy's)."""
+    return by.startswith(("429:", "500:")) and ("cooldown" in by or "Connection" in by or "Timeout" in by)
+
+
+def statuses(port: int, key: str, n: int = 6) -> set[int]:
+    return {status_with(port, key) for _ in range(n)}
+
+
 @pytest.mark.slow
-def test_a_rotated_token_is_reloaded_under_load_and_costs_no_request_but_key_refusals(
+def test_a_rotation_in_two_reloads_costs_no_request(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stack: dict[str, Proc]
 ) -> None:
+    """Under load, clients on the old token until the first reload is complete, then on the
+    new one: no request fails; afterwards the old token is refused, the new one accepted, by
+    the same master process."""
     gw = stack["proxy"]
     master, url = gw.proc.pid, f"http://127.0.0.1:{gw.port}"
     config = tmp_path / "rendered" / CONFIG
-    # The proxy reads the key from its config file (a literal, not os.environ/): the
-    # environment it was started with holds none.
+    # The proxy reads the key from its config file (a literal, not os.environ/), and checks
+    # keys through the role's auth module next to it.
     assert proxy.master_key(config.read_text()) == TOKEN
-    assert status_with(gw.port, TOKEN) == 200 and refused(status_with(gw.port, NEW))
-
-    # One kept-alive connection, opened before the reload: it stays with the old worker until
-    # that worker is retired, so what it answers is what the old worker holds.
-    pinned = httpx.Client(base_url=url, timeout=10, trust_env=False)
-    lock, stop = threading.Lock(), threading.Event()
-    seen_by_old: list[int] = []
-
-    def on_old(key: str) -> int:
-        with lock:
-            return pinned.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
-
-    def keep_old_busy() -> None:  # under uvicorn's 5 s keep-alive timeout
-        while not stop.wait(1.0):
-            seen_by_old.append(on_old(TOKEN))
+    assert (config.parent / "fleet_auth.py").is_file()
+    assert statuses(gw.port, TOKEN) == {200} and all(refused(s) for s in statuses(gw.port, NEW, 2))
 
     load = Load(gw.port, TOKEN).start()
-    retired: list[tuple[float, int]] = []
-    busy = threading.Thread(target=keep_old_busy, daemon=True)
     try:
-        seen_by_old.append(on_old(TOKEN))
-        busy.start()
         time.sleep(2)
-        # A pass: render with the newly encrypted token, replace the file, reload worker by worker.
-        text = rendered_with(repo, NEW, monkeypatch).stack.files[CONFIG].content
-        write_atomic(config, text.encode(), 0o600)
-        key = proxy.master_key(text)
-        assert key == NEW
-
-        def retire() -> None:
-            # A worker holding the new key serves (the check passed on it); the old worker,
-            # still there, refuses it. Then the oldest goes.
-            stop.set()
-            retired.append((time.monotonic(), on_old(NEW)))
-            os.kill(master, signal.SIGTTOU)
-
-        began = time.monotonic()
-        os.kill(master, signal.SIGTTIN)
-        check = proxy.rolling_reload(url, key, proxy.config_ids(text), retire, 60)
-        done = time.monotonic()
-        load.token = NEW  # the clients move to the new token once the reload is complete
+        one, began1, done1 = rotation_step(repo, monkeypatch, config, master, url)
+        assert proxy.accepted_digests(config.read_text()) == (bearer.key_digest(NEW), bearer.key_digest(TOKEN))
+        # Every worker now accepts both keys: the clients switch.
+        both = (statuses(gw.port, TOKEN), statuses(gw.port, NEW))
+        load.token = NEW
+        time.sleep(2)
+        two, began2, done2 = rotation_step(repo, monkeypatch, config, master, url)
+        assert proxy.accepted_digests(config.read_text()) == (bearer.key_digest(NEW),)
         time.sleep(2)
     finally:
-        stop.set()
         outcomes = load.stop()
-        pinned.close()
-    during = window(outcomes, began, done)
-    p99 = pct([o.seconds for o in during], 99)
+    during1, during2 = window(outcomes, began1, done1), window(outcomes, began2, done2)
     bad = failed(outcomes)
-    first = retired[0][0] if retired else done
     print(
-        f"rotation: reload {check.detail!r} in {check.seconds:.1f} s (new worker seen serving after "
-        f"{first - began:.1f} s, complete after {done - began:.1f} s); {len(outcomes)} requests, "
-        f"{len(during)} during the change, p99 during {p99:.3f} s, resent {sum(o.resent for o in outcomes)}; "
-        f"failed {len(bad)} (answered at {[round(o.at + o.seconds - began, 1) for o in bad]} s: "
-        f"{sorted({o.status or 0 for o in bad})}); old worker: {seen_by_old}, new key "
-        f"there: {[s for _, s in retired]}"
+        f"rotation: step 1 {one.detail!r} in {one.seconds:.1f} s, {len(during1)} requests, p99 "
+        f"{pct([o.seconds for o in during1], 99):.3f} s; step 2 {two.detail!r} in {two.seconds:.1f} s, "
+        f"{len(during2)} requests, p99 {pct([o.seconds for o in during2], 99):.3f} s; {len(outcomes)} requests "
+        f"in all, p99 {pct([o.seconds for o in outcomes], 99):.3f} s, resent {sum(o.resent for o in outcomes)}; "
+        f"failed {len(bad)} ({sorted({o.status or 0 for o in bad})} at "
+        f"{[round(o.at - began1, 1) for o in bad][:10]} s from step 1)"
     )
-    assert check.ok, check.detail
-    assert during, "the load ran through the change"
-    # The old worker kept the old key until retired, and refused the new one.
-    assert seen_by_old and all(s == 200 for s in seen_by_old), seen_by_old
-    assert retired and refused(retired[0][1]), retired
-    # No request failed for the reload itself (no connection error, no 5xx, no timeout): only
-    # requests whose token the worker they reached does not hold, while both keys are in play
-    # (between SIGTTIN and the end of the reload; resends included). Single-key LiteLLM cannot
-    # accept both at once: see docs/operations.md, "Rotating the bearer token".
-    assert all(refused(o.status or 0) for o in bad), [o for o in bad if not refused(o.status or 0)][:5]
-    assert all(o.at + o.seconds >= began and o.at <= done for o in bad), [(o.at - began, o.by) for o in bad]
-    assert not failed(window(outcomes, done, float("inf"))), "after the reload: the new token, every answer"
-    assert refused(status_with(gw.port, TOKEN)), "the old token is refused after the rotation"
-    assert status_with(gw.port, NEW) == 200
+    assert one.ok, one.detail
+    assert two.ok, two.detail
+    assert during1 and during2, "the load ran through both reloads"
+    assert both == ({200}, {200}), f"between the steps every worker accepts both keys: {both}"
+    # No request is refused for its key: the clients' token (old, then new) is accepted by
+    # every worker it meets, old or new, throughout. (The 400s this used to count: 6 of 116.)
+    assert not [o for o in bad if refused(o.status or 0)], [(round(o.at - began1, 1), o.status) for o in bad][:10]
+    # Nor fails for the reloads themselves (a connection error, a 5xx, a timeout). On a starved
+    # machine (load 10 on two cores) the fake backends time out and LiteLLM cools them down
+    # (500/429, before a reload as during one): those are the backends', not the rotation's,
+    # so they are told apart by their answer, never by when they happened.
+    assert not [o for o in bad if not _backend_cooldown(o.by)], [(round(o.at - began1, 1), o.by) for o in bad][:5]
+    assert all(refused(s) for s in statuses(gw.port, TOKEN)), "the old token is refused after the rotation"
+    assert statuses(gw.port, NEW) == {200}
+    for route in ("/health/liveliness", "/health/readiness"):
+        assert httpx.get(url + route, timeout=10, trust_env=False).status_code == 200, route
     assert gw.proc.poll() is None and gw.proc.pid == master, "reloaded, never restarted"
 
 
@@ -261,7 +271,7 @@ def test_a_proxy_config_without_a_master_key_is_refused(
     """LiteLLM 1.108.7 refuses to start without a master key: ``agent validate`` says so first."""
     edit(
         roles_copy / "motoko/templates/litellm.config.yaml.j2",
-        "litellm_config | with_master_key(litellm_bearer_token) | to_yaml",
+        'litellm_config | with_master_key(litellm_bearer_token, custom_auth="fleet_auth.user_api_key_auth") | to_yaml',
         "litellm_config | to_yaml",
     )
     assert main(["validate", "--repo", str(repo)]) != 0

@@ -9,6 +9,7 @@ the deadline passes). Every httpx error is mapped here to "not answered"; nothin
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Set
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from agent.core.bearer import ACCEPTED_KEYS_SETTING
 
 #: A proxy whose API has not answered once in this many seconds is not waited for (its oldest
 #: worker is retired). Longer than a worker's boot on a starved machine (measured: 20 s at load
@@ -66,6 +69,43 @@ def master_key(config_text: str) -> str | None:
     return key
 
 
+def accepted_digests(config_text: str) -> tuple[str, ...]:
+    """The digests of the keys a LiteLLM config accepts through the role's auth module
+    (``general_settings.llm_agent_accepted_key_sha256``), in order; empty when it lists none."""
+    try:
+        data = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return ()
+    general = data.get("general_settings") if isinstance(data, dict) else None
+    entries = general.get(ACCEPTED_KEYS_SETTING) if isinstance(general, dict) else None
+    return tuple(d for d in entries if isinstance(d, str) and _HEX.fullmatch(d)) if isinstance(entries, list) else ()
+
+
+_HEX = re.compile(r"[0-9a-f]{64}")
+#: The role's auth module answers a request with this header by a refusal naming the
+#: generation of the keys it accepts (``fleet_auth.PROBE_HEADER``, ``GENERATION``).
+PROBE_HEADER = "X-LLM-Agent-Auth-Probe"
+_GENERATION = re.compile(r"llm-agent accepted keys generation ([0-9a-f]{16})")
+
+
+def auth_generation(url: str, timeout_s: float = 2.0, client: httpx.Client | None = None) -> _Answer:
+    """Ask a worker which keys it accepts (the generation of its list), with no key; on a new
+    connection, so any worker may answer. ``generation`` is ``None`` for a worker on a config
+    without the auth module (LiteLLM answers the probe as any keyless request)."""
+    http = client or httpx.Client(timeout=timeout_s, trust_env=False)
+    try:
+        r = http.get(f"{url.rstrip('/')}/v1/model/info", headers={PROBE_HEADER: "1", "Connection": "close"})
+        found = _GENERATION.search(r.text)
+        return _Answer(answered=True, status=r.status_code, generation=found.group(1) if found else None)
+    except httpx.ConnectError:
+        return _Answer(refused=True)
+    except httpx.HTTPError:
+        return _Answer()
+    finally:
+        if client is None:
+            http.close()
+
+
 def served_ids(url: str, key: str, timeout_s: float = 5.0, client: httpx.Client | None = None) -> frozenset[str] | None:
     """The deployment ids the proxy serves now; ``None`` when it does not answer. Each ask is
     a new connection (``Connection: close``): a kept-alive one would always reach the same
@@ -89,6 +129,8 @@ class _Answer:
     #: the connection was refused: nothing listens on the port
     refused: bool = False
     status: int | None = None
+    #: the auth module's generation, when the probe asked for it
+    generation: str | None = None
 
 
 def _served(url: str, key: str, timeout_s: float, client: httpx.Client | None) -> _Answer:
@@ -173,8 +215,44 @@ def wait_serving(
     return Serving(False, last, time.monotonic() - began)
 
 
+def wait_generation(
+    url: str,
+    generation: str,
+    deadline_s: float,
+    *,
+    silent_s: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Serving:
+    """Probe until a worker answers with ``generation`` (one on the new config: the old ones
+    answer with theirs), or the deadline passes; ``silent_s`` as in ``wait_serving``."""
+    began, answered, last = time.monotonic(), False, "no answer"
+    with httpx.Client(timeout=2.0, trust_env=False) as http:
+        while time.monotonic() - began < deadline_s:
+            a = auth_generation(url, 2.0, http)
+            if a.refused and not answered and silent_s is not None:
+                return Serving(False, f"{NOT_LISTENING} ({url})", time.monotonic() - began)
+            answered = answered or a.answered
+            if not answered and silent_s is not None and time.monotonic() - began >= silent_s:
+                return Serving(False, f"{SILENT} ({url})", time.monotonic() - began)
+            if a.generation == generation:
+                return Serving(True, "a worker accepts the new keys", time.monotonic() - began)
+            if a.answered:
+                last = f"{OLD_KEYS} (generation {a.generation or 'none'}, not {generation})"
+            sleep(0.25)  # each probe is a refusal in the proxy's log: not ten a second
+    return Serving(False, last, time.monotonic() - began)
+
+
+#: Every worker that answered the probe still accepts the previous set of keys.
+OLD_KEYS = "the workers accept the previous keys"
+
+
 def rolling_reload(
-    url: str, key: str, expected: Set[str], retire_old: Callable[[], None], deadline_s: float
+    url: str,
+    key: str,
+    expected: Set[str],
+    retire_old: Callable[[], None],
+    deadline_s: float,
+    generation: str | None = None,
 ) -> Serving:
     """Finish a rolling worker reload of the gunicorn proxy. The master got SIGTTIN: one more
     worker, which reads the config now on disk, while the old ones keep serving (SIGHUP stops
@@ -185,8 +263,13 @@ def rolling_reload(
 
     ``key`` is the master key of the config being applied: after a rotation the old workers
     refuse it (401) and only a new worker can pass the first check, so the oldest is never
-    retired before a worker holding the new key serves."""
-    first = wait_serving(url, key, expected, deadline_s, agreeing=1, silent_s=SILENT_S)
+    retired before a worker holding the new key serves. ``generation``: the config changes
+    the keys accepted (a rotation's two reloads), and the old workers may accept ``key`` too
+    (the second one), so a new worker is told by its answer to the auth probe instead."""
+    if generation is not None:
+        first = wait_generation(url, generation, deadline_s, silent_s=SILENT_S)
+    else:
+        first = wait_serving(url, key, expected, deadline_s, agreeing=1, silent_s=SILENT_S)
     wedged = not first.ok and first.detail.startswith(SILENT)
     if not first.ok and not wedged:
         # The old workers answer with the old routing: the new one never came up (keep them).

@@ -218,6 +218,15 @@ class SecretResolver:
                     return value
         raise SecretError(f"secret '{name}' not found (looked in {self.where(name)})")
 
+    def remember(self, label: str, value: str) -> None:
+        """A secret value learned elsewhere (the previous bearer token, read back from the
+        proxy config on disk): hidden, refused and redacted like a resolved one."""
+        key = f"({label})"
+        if value and self._cache.get(key) != value:
+            self._cache[key] = value
+            if self.on_resolve is not None:
+                self.on_resolve(value)
+
     def known_values(self) -> list[str]:
         """Values resolved so far: what must never leak into a non-secret file."""
         return list(self._cache.values())

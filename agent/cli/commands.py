@@ -347,6 +347,12 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
             drain=None if args.no_drain else _drain_for(say),
         )
         result = reconcile_once(settings, engine, repo, commit, options)
+        if result.follow_up and result.result == "converged":
+            # A rotation's second step (the old key retired), as the daemon runs it: at once.
+            say(result.follow_up)
+            first = [a for a in result.actions if a.kind != "noop"]
+            result = reconcile_once(settings, engine, repo, commit, options)
+            result.actions = first + result.actions
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

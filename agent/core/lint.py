@@ -13,6 +13,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from agent.core.errors import DesiredStateError, Problem
@@ -308,6 +309,32 @@ def proxy_config(host: Host, rendered: RenderedStack, desired: DesiredState) -> 
     # The env files: the other secret files (the config itself is one: it holds the master key).
     env = [f for f in rendered.stack.files.values() if f.secret and f.path != path]
     return lint_litellm_config(config.content, f"{rendered.host}:{path} (rendered)", _env_text(env))
+
+
+@stack_check
+def custom_auth_shipped(host: Host, rendered: RenderedStack, desired: DesiredState) -> Iterator[Problem]:
+    """LiteLLM imports ``general_settings.custom_auth`` (``module.function``) from the config's
+    directory; a module the stack does not write there would stop the proxy at its start."""
+    path = desired.roles[host.role].spec.proxy_config
+    config = rendered.stack.files.get(path) if path else None
+    if config is None or path is None:
+        return
+    try:
+        data = load(config.content, path).data
+    except DesiredStateError:
+        return  # said by proxy_config
+    general = data.get("general_settings") if isinstance(data, dict) else None
+    ref = general.get("custom_auth") if isinstance(general, dict) else None
+    if not isinstance(ref, str) or "." not in ref:
+        return
+    module = str(PurePosixPath(path).parent / (ref.rsplit(".", 1)[0].replace(".", "/") + ".py"))
+    if module.removeprefix("./") not in rendered.stack.files:
+        yield Problem(
+            host.file,
+            None,
+            f"general_settings.custom_auth '{ref}': the role writes no {module} next to {path} "
+            "(list it in role.yaml files); the proxy would refuse to start",
+        )
 
 
 def _env_text(files: list[StackFile]) -> str:

@@ -290,6 +290,9 @@ class Daemon:
         self._report(result)
         if result.error is None:
             self._fleet_duties(checkout.path, checkout.commit, result, engine)
+        if result.follow_up and result.error is None:
+            log.info("another pass follows", reason=result.follow_up)
+            self._again.set()  # reconcile_job runs it right after this one
         return result
 
     def _fleet_duties(self, path: Path, commit: str, result: PassResult, engine: Engine) -> None:

@@ -10,7 +10,10 @@ even through a filter such as ``| upper``) using it is a template error. In a se
 renders as ``**REDACTED**`` unless ``reveal`` is set. ``with_master_key`` puts one into the
 proxy config (``general_settings.master_key``): a rotated key is then a config change, which
 the gateway reloads in place, not an environment change, which recreates the container.
-Values are resolved through the ``Secrets`` port (``agent.core.ports``); no message ever
+With ``custom_auth=`` it also lists the keys the proxy accepts, as SHA-256 digests, for the
+role's auth module (``roles/motoko/templates/fleet_auth.py``): the key, and during a rotation
+the previous one (``previous_master_key``: the master key of the config on disk, an input of
+the render). Values are resolved through the ``Secrets`` port (``agent.core.ports``); no message ever
 quotes one.
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 import jinja2
 import jinja2.bccache
 
+from agent.core.bearer import ACCEPTED_KEYS_SETTING, accepted_keys, key_digest
 from agent.core.errors import DesiredStateError, Problem
 from agent.core.fleet import DesiredState
 from agent.core.model import Host, SecretRef
@@ -69,7 +73,7 @@ class Secret:
         return str(self)
 
 
-def render_host(
+def render_host(  # noqa: PLR0913  (keyword-only: the inputs of one render)
     desired: DesiredState,
     host_name: str,
     secrets: Secrets,
@@ -78,7 +82,11 @@ def render_host(
     prefix: str = "",
     health: Mapping[str, Health] | None = None,
     budget_exceeded: bool = False,
+    previous_master_key: str | None = None,
 ) -> RenderedStack:
+    """``previous_master_key``: the gateway's master key in the proxy config now on disk (a
+    pass reads it from the stack dir); while it differs from the new key, the rendered config
+    accepts both (``accepted_keys``). Same inputs, same bytes."""
     host = desired.host(host_name)
     role = desired.roles[host.role]
     project = project_name(host.name, prefix)
@@ -111,7 +119,8 @@ def render_host(
     if problems:
         raise DesiredStateError(problems)
 
-    env = _environment(role)
+    previous = Secret("previous master key", previous_master_key if reveal else None)
+    env = _environment(role, previous if previous_master_key is not None else None)
     confined = {k: v.confine() if isinstance(v, Secret) else v for k, v in context.items()}
     hide = secrets.known_values
     files: dict[str, StackFile] = {}
@@ -175,7 +184,7 @@ class _CompiledTemplates(jinja2.BytecodeCache):
 _COMPILED = _CompiledTemplates()
 
 
-def _environment(role: Role) -> jinja2.Environment:
+def _environment(role: Role, previous_key: Secret | None = None) -> jinja2.Environment:
     env = sandbox.BoundedSandbox(
         loader=sandbox.RoleLoader(role),
         bytecode_cache=_COMPILED,
@@ -186,18 +195,39 @@ def _environment(role: Role) -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["to_yaml"] = lambda value: dump(_plain(value)).rstrip("\n")
-    env.filters["with_master_key"] = _with_master_key
+    env.filters["with_master_key"] = lambda config, key, custom_auth=None: _with_master_key(
+        config, key, custom_auth, previous_key
+    )
     # Jinja's own tojson escapes quotes for HTML; plain JSON is valid YAML and easier to read.
     env.filters["tojson"] = _tojson
     return env
 
 
-def _with_master_key(config: Mapping[str, Any], key: Secret | str) -> dict[str, Any]:
+def _with_master_key(
+    config: Mapping[str, Any], key: Secret | str, custom_auth: str | None = None, previous: Secret | None = None
+) -> dict[str, Any]:
     """The LiteLLM config with ``general_settings.master_key`` set to ``key`` (a secret: its
-    value, ``**REDACTED**``, or an error outside a secret file, as ``to_yaml`` writes it)."""
+    value, ``**REDACTED**``, or an error outside a secret file, as ``to_yaml`` writes it).
+
+    With ``custom_auth`` (``module.function``, a module the role writes next to the config),
+    LiteLLM asks that function instead, and the accepted keys are listed as digests under
+    ``ACCEPTED_KEYS_SETTING``: ``accepted_keys(key, previous)`` (unrevealed: ``**REDACTED**``)."""
     general = dict(config.get("general_settings") or {})
     general["master_key"] = key
+    if custom_auth is not None:
+        new, old = _revealed(key), _revealed(previous) if previous is not None else None
+        general["custom_auth"] = custom_auth
+        if new is None or (previous is not None and old is None):
+            general[ACCEPTED_KEYS_SETTING] = [REDACTED]  # not revealed: neither key is known
+        else:
+            general[ACCEPTED_KEYS_SETTING] = [key_digest(k) for k in accepted_keys(new, old)]
     return {**config, "general_settings": general}
+
+
+def _revealed(value: Secret | str) -> str | None:
+    """A key's value; ``None`` when redacted (raises where the secret is confined)."""
+    text = str(value)
+    return None if isinstance(value, Secret) and text == REDACTED else text
 
 
 def _plain(value: Any) -> Any:

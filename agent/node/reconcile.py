@@ -10,6 +10,7 @@ changes (or with ``retry_quarantined``). How a pass ended is typed (``PassOutcom
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import secrets as pysecrets
@@ -24,6 +25,7 @@ from agent.adapters import proxy
 from agent.adapters.fs import LockHeld, UnsafePath, locked, machine_lock_dir, private_dir
 from agent.adapters.gitsource import tree_commit
 from agent.adapters.secrets import SecretResolver
+from agent.core import bearer
 from agent.core import labels as L
 from agent.core.errors import (
     AgentError,
@@ -77,6 +79,8 @@ class PassResult:
     routing: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: after a rolling reload of the gateway's proxy: did it serve the new routing
     reload_check: dict[str, Any] | None = None
+    #: why another pass must follow this one at once (a bearer-token rotation's second step)
+    follow_up: str | None = None
     started: float = 0.0
     finished: float = 0.0
 
@@ -105,6 +109,8 @@ class PassResult:
         }
         if self.reload_check is not None:
             out["reload_check"] = self.reload_check
+        if self.follow_up is not None:
+            out["follow_up"] = self.follow_up
         if self.applied is not None:
             out["outcomes"] = [o.as_dict() for o in self.applied.outcomes]
             out["rolled_back"] = self.applied.rolled_back
@@ -242,6 +248,11 @@ class Pass:
         #: on a backend host: the services drained before they are replaced, and from where
         self.drained: frozenset[str] = frozenset()
         self.drain_target: DrainTarget | None = None
+        #: on the gateway, during a bearer-token rotation: which of its two reloads this is
+        self.rotation: str | None = None
+        #: on the gateway: the generation of the keys the new config accepts, when they change
+        #: (a new proxy worker is told from the old ones by it; ``proxy.wait_generation``)
+        self.generation: str | None = None
 
     def run(self) -> str | None:
         """Render, observe, plan, maybe apply. Returns the fingerprint now applied, if any."""
@@ -250,7 +261,7 @@ class Pass:
         stack_dir = self.store.stack_dir(stack.project)
         fp = fingerprint(rendered)
         observed = self.observe(stack, stack_dir)
-        self.result.actions = plan(stack, observed, policy)
+        self.result.actions = self.with_rotation(stack, plan(stack, observed, policy))
         self.result.services = _services(stack, observed)
         if not pending(self.result.actions):
             self.result.result = PassOutcome.CONVERGED
@@ -266,7 +277,32 @@ class Pass:
             self.rollout_failed(fp)
             return None
         self.finish_rolling_reloads(rendered)
-        return fp if self.verify(stack, stack_dir, policy) else None
+        if not self.verify(stack, stack_dir, policy):
+            return None
+        reloaded = self.result.reload_check is None or self.result.reload_check["ok"]
+        if self.rotation == bearer.ROTATION_STARTED and reloaded:
+            # Every worker now accepts both keys; the next pass (its config on disk holds the
+            # new key) renders the new one alone and retires the old one. At once, not at the
+            # next interval: the old key must not outlive the rotation. (After a reload that
+            # did not complete, the next pass at its interval does it, as any other.)
+            self.result.follow_up = bearer.ROTATION_FOLLOW_UP
+        return fp
+
+    def with_rotation(self, stack: StackSpec, actions: list[Action]) -> list[Action]:
+        """The actions, the proxy's saying which step of a bearer-token rotation it is."""
+        if self.rotation is None or self.gateway is None:
+            return actions
+        config = self.gateway[2]
+
+        def mounts(a: Action) -> bool:
+            return a.target in stack.services and any(f.path == config for f in stack.mounted_files(a.target))
+
+        return [
+            dataclasses.replace(a, reason=f"{a.reason}; {self.rotation}")
+            if a.kind is not ActionKind.NOOP and (config in a.changed or mounts(a))
+            else a
+            for a in actions
+        ]
 
     def finish_rolling_reloads(self, rendered: RenderedStack) -> None:
         """A gateway proxy reloaded by SIGTTIN (one more gunicorn worker, on the new config):
@@ -289,7 +325,7 @@ class Pass:
             def retire(cid: str = cid) -> None:
                 self.engine.signal(cid, RETIRE_WORKER)
 
-            check = proxy.rolling_reload(url, key, proxy.config_ids(text), retire, RELOAD_CHECK_S)
+            check = proxy.rolling_reload(url, key, proxy.config_ids(text), retire, RELOAD_CHECK_S, self.generation)
             self.result.reload_check = {
                 "service": a.target,
                 "ok": check.ok,
@@ -301,6 +337,11 @@ class Pass:
 
     def render(self) -> tuple[RenderedStack, dict[str, str], dict[str, int]]:
         desired = load_desired(self.repo)
+        on_disk = self.proxy_config_on_disk(desired)
+        previous = proxy.master_key(on_disk) if on_disk is not None else None
+        if previous is not None:
+            # The old key, during a rotation: as secret as the new one (logs, errors, files).
+            self.resolver.remember("previous litellm_bearer_token", previous)
         rendered = render_host(
             desired,
             self.settings.host,
@@ -308,6 +349,7 @@ class Pass:
             reveal=True,
             prefix=self.settings.project_prefix,
             health=self.options.health,
+            previous_master_key=previous,
         )
         # What LiteLLM would silently accept (or die on at SIGHUP) never reaches the host.
         errors = [p for p in lint_fleet(desired) + lint_stack(desired, rendered) if p.severity == "error"]
@@ -325,10 +367,37 @@ class Pass:
         if isinstance(host.vars, MotokoVars) and role.proxy_config:
             key = self.resolver.value(host.vars.litellm_bearer_token.secret)
             self.gateway = (f"http://127.0.0.1:{host.vars.litellm_port}", key, role.proxy_config)
+            self.rotation_step(previous, on_disk, rendered.stack.files[role.proxy_config].content)
         if isinstance(host.vars, GpuNodeVars) and role.drain:
             self.drained = frozenset(role.drain)
             self.drain_target = self._drain_target(desired, host.vars)
         return rendered, role.on_config_change, role.start_retries
+
+    def proxy_config_on_disk(self, desired: DesiredState) -> str | None:
+        """The gateway's proxy config as the last pass wrote it (``None``: not a gateway, or
+        no readable file yet)."""
+        host = desired.host(self.settings.host)
+        config = desired.roles[host.role].spec.proxy_config
+        if host.kind != "gateway" or config is None:
+            return None
+        path = self.store.stack_dir(project_name(host.name, self.settings.project_prefix)) / config
+        try:
+            return path.read_text(encoding="utf-8") if path.is_file() and not path.is_symlink() else None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def rotation_step(self, previous: str | None, on_disk: str | None, desired: str) -> None:
+        """Which step of a bearer-token rotation this pass is, from the config on disk and the
+        one rendered: the first (a new master key: both keys accepted until the next reload),
+        the second (the same key, a key no longer accepted), or neither."""
+        new = proxy.master_key(desired)
+        accepted, accepted_before = proxy.accepted_digests(desired), proxy.accepted_digests(on_disk or "")
+        if previous is not None and new is not None and previous != new:
+            self.rotation = bearer.ROTATION_STARTED
+        elif set(accepted_before) - set(accepted):
+            self.rotation = bearer.ROTATION_FINISHED
+        if accepted and accepted != accepted_before:
+            self.generation = bearer.generation(list(accepted))
 
     def _drain_target(self, desired: DesiredState, v: GpuNodeVars) -> DrainTarget:
         """Where this host asks for a drain: the commit's motoko and this host's report token."""
