@@ -119,29 +119,32 @@ def test_a_hung_backend_is_routed_around_within_10_s(repo: Path, tmp_path: Path,
     assert stack["proxy"].proc.poll() is None and stack["proxy"].proc.pid == master, "reloaded, never restarted"
 
 
-def test_a_stalled_stream_takes_the_backend_out_of_routing_within_10_s(
-    repo: Path, tmp_path: Path, stack: dict[str, Proc]
-) -> None:
-    """armitage answers 200 and its headers, then nothing. The routing loop sees it within its
-    probe timeout and takes armitage out. What the proxy does meanwhile is LiteLLM's: measured
-    (1.108.7, gunicorn, one worker), a stalled stream blocks the worker's event loop for about
-    its ``stream_timeout`` before it falls back (one request alone: 23.8 s with 8 s timeouts,
-    then 200 from wintermute); six at once and ``/health/liveliness`` goes unanswered for over
-    20 s. So under 10 streamed req/s the whole worker wedges until the stalls end; the agent
-    retires the silent worker, but the requests of those seconds fail at the client's
-    timeout. Not claimed here: zero failed requests under a stall needs the stalled backend
-    kept from the proxy's workers before they block (a front proxy with a first-byte
-    timeout, the drain issue's gateway work)."""
+def test_a_stalled_stream_is_routed_around_within_10_s(repo: Path, tmp_path: Path, stack: dict[str, Proc]) -> None:
+    """armitage answers 200 and its headers, then nothing, under 10 streamed requests/s. Zero
+    failed requests; p50 under 100 ms from 10 s on; out within 10 s; never a restart.
+
+    (First measured as "LiteLLM blocks its worker ~stream_timeout per stalled stream": that was
+    the Hugging Face tokenizer fetch for wintermute's llama-3 model at the fallback's token
+    count, 26 s per attempt offline, on the event loop. With ``disable_hf_tokenizer_download``
+    in the rendered config, a stalled stream costs its own request one ``stream_timeout``,
+    then falls back.)"""
     gw = gateway(repo, tmp_path, stack)
+    master = stack["proxy"].proc.pid
+    load = Load(stack["proxy"].port, TOKEN, stream=True).start()
     try:
-        time.sleep(2)
+        time.sleep(3)
         (tmp_path / "armitage.mode").write_text("stall")
         began = time.monotonic()
-        assert wait_until(lambda: any(not e.in_routing and e.backend == "armitage" for e in gw.loop.events), 15)
-        out = next(e for e in gw.loop.events if not e.in_routing)
-        print("stall: out because", out.reason)
-        assert "models" in out.reason or "canary" in out.reason, out.reason
-        assert time.monotonic() - began <= 10
-    finally:
+        wait_until(lambda: gw.out_since("armitage", began) is not None, 25)
+        out_s = gw.out_since("armitage", began)
+        time.sleep(max(0.0, began + 20 - time.monotonic()))
         (tmp_path / "armitage.mode").write_text("ok")
+    finally:
+        outcomes = load.stop()
         gw.stop()
+    settled = window(outcomes, began + 10, began + 20)
+    print(report("stall", outcomes, began), f"out after {out_s};", report("from 10 s on", settled, began))
+    assert failed(outcomes) == [], failed(outcomes)[:5]
+    assert settled and pct([o.seconds for o in settled], 50) < 0.1, report("settled", settled, began)
+    assert out_s is not None and out_s <= 10, out_s
+    assert stack["proxy"].proc.poll() is None and stack["proxy"].proc.pid == master, "reloaded, never restarted"
