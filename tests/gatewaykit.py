@@ -64,6 +64,7 @@ class ProcessGateway:
         #: the health map the proxy serves (its last reload was served)
         self.serving: dict[str, Health] = {}
         self.api: FleetApi | None = None
+        self._clients: list[HttpxDrains] = []
         if drains:
             self.api = FleetApi(config.parent / "fleet.db", self.view.tokens)
             self.api.drains.context = DrainContext.of(self.view.fleet, self.view.table)
@@ -104,6 +105,8 @@ class ProcessGateway:
 
     def stop(self) -> None:
         self.loop.stop()
+        for client in self._clients:
+            client.close()
         if self.api is not None:
             self.api.close()
 
@@ -120,7 +123,9 @@ class ProcessGateway:
             policy=fleet.drain,
             deadline_s=fleet.drain.deadline(fleet.routing),
         )
-        return FleetDrain(target, HttpxDrains(), hooks=DrainHooks(say=say))
+        client = HttpxDrains()
+        self._clients.append(client)
+        return FleetDrain(target, client, hooks=DrainHooks(say=say))
 
     def out_since(self, name: str, since: float) -> float | None:
         """Seconds from ``since`` until a reload that took ``name`` out was served."""
