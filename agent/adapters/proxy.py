@@ -21,6 +21,11 @@ import yaml
 SILENT_S = 5.0
 SILENT = "the proxy API does not answer"
 NOT_LISTENING = "nothing listens on the proxy's port"
+#: Header of the answers the front proxy (HAProxy, roles/motoko haproxy.cfg) makes itself: no
+#: LiteLLM container could be reached behind it. To the agent, that is a refused connection.
+FRONT_HEADER = "x-llm-front"
+#: Of those, the ones saying nothing answered behind the front (not a late answer: 504).
+FRONT_UNREACHABLE = frozenset({"bad_gateway", "service_unavailable"})
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,15 @@ def served_ids(url: str, key: str, timeout_s: float = 5.0, client: httpx.Client 
 
 
 def _served(url: str, key: str, timeout_s: float, client: httpx.Client | None) -> tuple[frozenset[str] | None, bool]:
-    """(ids or None, whether the connection was refused: nothing listens on the port)."""
+    """(ids or None, whether the connection was refused: nothing listens on the port, or
+    the front proxy on it says no LiteLLM container answers behind it)."""
     http = client or httpx.Client(timeout=timeout_s, trust_env=False)
     try:
         headers = {"Authorization": f"Bearer {key}", "Connection": "close"}
         r = http.get(f"{url.rstrip('/')}/v1/model/info", headers=headers)
         if r.status_code != 200:
-            return None, False
+            # The front proxy answered for LiteLLM: nothing listens behind it.
+            return None, r.headers.get(FRONT_HEADER) in FRONT_UNREACHABLE
         data: Any = r.json().get("data", [])
         return frozenset(
             str(m["model_info"]["id"])
