@@ -154,6 +154,24 @@ class Change:
         return f"{self.name}: {len(during)} requests over {took:.1f} s, p99 {p99:.2f} s, {len(failed(during))} failed"
 
 
+def report(
+    gw: Gateway, front: list[str], changes: list[Change], checks: list[dict[str, object]], outcomes: list[Outcome]
+) -> list[Outcome]:
+    """Print the figures (also when a change failed half-way); the failed requests."""
+    # HAProxy logs only what was not plain (option dontlog-normal): retried, redispatched, failed.
+    noted = [ln for ln in docker("logs", front[0], check=False).splitlines() if '"POST ' in ln]
+    print(f"front proxy: {len(noted)} requests logged as not plain (retried or failed)")
+    for line in noted[-5:]:
+        print("  " + line)
+    for change in changes:
+        print(change.report(outcomes))
+    lost = failed(outcomes)
+    print(f"all: {len(outcomes)} requests, p99 {pct([o.seconds for o in outcomes], 99):.2f} s, {len(lost)} failed")
+    for check in checks:
+        print(f"  reload check: {check.get('detail')} ({check.get('seconds')} s)")
+    return lost
+
+
 def test_gateway_changes_drop_nothing(gateway: Gateway) -> None:
     gw = gateway
     for host in GPU_HOSTS:
@@ -212,19 +230,9 @@ def test_gateway_changes_drop_nothing(gateway: Gateway) -> None:
     finally:
         outcomes = load.stop()
         docker("rmi", "-f", test_image, check=False)
+        lost = report(gw, front, changes, checks, outcomes)
 
     assert gw.container("haproxy") == front, "the front proxy was never replaced"
-    # HAProxy logs only what was not plain (option dontlog-normal): retried, redispatched, failed.
-    noted = [ln for ln in docker("logs", front[0]).splitlines() if '"POST ' in ln]
-    print(f"front proxy: {len(noted)} requests logged as not plain (retried or failed)")
-    for line in noted[-5:]:
-        print("  " + line)
-    for change in changes:
-        print(change.report(outcomes))
-    lost = failed(outcomes)
-    print(f"all: {len(outcomes)} requests, p99 {pct([o.seconds for o in outcomes], 99):.2f} s, {len(lost)} failed")
-    for check in checks:
-        print(f"  reload check: {check.get('detail')} ({check.get('seconds')} s)")
     assert not lost, [(round(o.at - outcomes[0].at, 1), o.by) for o in lost[:20]]
     assert len(outcomes) > 100
     # Each reload was seen served by the agent's own check, through the front proxy.
