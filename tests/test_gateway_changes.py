@@ -10,10 +10,12 @@ Zero failed requests; the p99 latency during each change is printed.
 
 from __future__ import annotations
 
+import math
 import secrets
 import shutil
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +169,9 @@ def report(
         print(change.report(outcomes))
     lost = failed(outcomes)
     print(f"all: {len(outcomes)} requests, p99 {pct([o.seconds for o in outcomes], 99):.2f} s, {len(lost)} failed")
+    # Who failed them: the front proxy's own answers carry x-llm-front; LiteLLM's are JSON too.
+    for why, n in Counter(o.by[:90] for o in lost).most_common(5):
+        print(f"  {n} x {why}")
     for check in checks:
         print(f"  reload check: {check.get('detail')} ({check.get('seconds')} s)")
     return lost
@@ -195,40 +200,44 @@ def test_gateway_changes_drop_nothing(gateway: Gateway) -> None:
     changes: list[Change] = []
     checks: list[dict[str, object]] = []
     load = Load(gw.port, gw.token).start()
+    load_began = time.monotonic()
     try:
         time.sleep(3)
 
+        changes.append(Change("before any change", load_began, time.monotonic()))
         # (1) A LiteLLM image change: the new container is healthy beside the old one first.
         old = gw.container("litellm")
-        t0 = time.monotonic()
+        changes.append(Change("image change", time.monotonic(), math.inf))
         gw.edit_motoko(f"litellm_image: {LITELLM}", f"litellm_image: {test_image}")
         result = gw.apply()
-        changes.append(Change("image change", t0, time.monotonic()))
+        changes[-1].end = time.monotonic()
         assert ("recreate", "litellm") in kinds(result), kinds(result)
         assert gw.container("litellm") != old and len(gw.container("litellm")) == 1
         time.sleep(3)
 
         # (2) A worker-count change.
         old = gw.container("litellm")
-        t0 = time.monotonic()
+        changes.append(Change("worker-count change", time.monotonic(), math.inf))
         gw.edit_motoko("health_interval_s: 2", "health_interval_s: 2\n  litellm_workers: 2")
         result = gw.apply()
-        changes.append(Change("worker-count change", t0, time.monotonic()))
+        changes[-1].end = time.monotonic()
         assert ("recreate", "litellm") in kinds(result), kinds(result)
         assert gw.container("litellm") != old and len(gw.container("litellm")) == 1
         time.sleep(3)
 
         # (3) Ten routing reloads: wintermute out of routing and back (the routing loop's move).
-        t0 = time.monotonic()
+        changes.append(Change("10 routing reloads", time.monotonic(), math.inf))
         for i in range(10):
             gw.health["wintermute"] = Health(i % 2 == 1, "" if i % 2 else "test: probe failed")
             result = gw.apply()
             assert ("reload", "litellm") in kinds(result), kinds(result)
             checks.append(result.reload_check or {})
-        changes.append(Change("10 routing reloads", t0, time.monotonic()))
+        changes[-1].end = time.monotonic()
         time.sleep(2)
     finally:
         outcomes = load.stop()
+        for change in changes:  # a change that failed half-way: its window ends now
+            change.end = min(change.end, time.monotonic())
         docker("rmi", "-f", test_image, check=False)
         lost = report(gw, front, changes, checks, outcomes)
 
