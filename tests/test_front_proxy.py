@@ -43,7 +43,7 @@ def test_a_reload_check_behind_a_front_with_no_litellm_ends_at_once(monkeypatch:
     def client(**kw: object) -> httpx.Client:
         return real(transport=transport)
 
-    monkeypatch.setattr(proxy.httpx, "Client", client)
+    monkeypatch.setattr(httpx, "Client", client)
     check = proxy.wait_serving("http://front", "key", {"x"}, 30, silent_s=5, sleep=lambda s: None)
     assert not check.ok and check.detail.startswith(proxy.NOT_LISTENING), check
     assert len(calls) == 1
