@@ -41,7 +41,8 @@ LITELLM, REDIS, HAPROXY, FAKE_VLLM = (
     "llm-agent/fake-vllm:1",
 )
 GPU_HOSTS = ("armitage", "wintermute")
-COOLDOWN = "All deployments for selected model are in cooldown"
+#: LiteLLM's own 429 when its router has every deployment of the group in cooldown
+COOLDOWN = "No deployments available for selected model"
 
 
 @dataclass
@@ -252,7 +253,8 @@ def test_gateway_changes_drop_nothing(gateway: Gateway) -> None:
     # Each reload was seen served by the agent's own check, through the front proxy.
     assert all(c.get("ok") for c in checks), checks
     if cooled:
-        # Open (measured twice on a loaded 2-core machine, during the worker-count change only):
-        # LiteLLM answered 429 "all deployments in cooldown" for a few seconds. Its answer, not a
-        # dropped request; shown as an expected failure until its cause is fixed, not hidden.
+        # Open (measured in three of three runs on a loaded 2-core machine, during a worker-count
+        # change or the reloads): LiteLLM answered 429 "no deployments available" (its router
+        # cooled every deployment of local/chat) for a few seconds. Its answer, not a dropped
+        # request; shown as an expected failure until its cause is fixed, not hidden.
         pytest.xfail(f"{len(cooled)} LiteLLM 429s (every deployment of local/chat in cooldown)")
