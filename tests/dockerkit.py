@@ -145,6 +145,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         f"""litellm_port: {f.ports["litellm"]}
   litellm_image: llm-agent-test/signal-recorder:1
   redis_image: llm-agent-test/busybox:1
+  haproxy_image: llm-agent/haproxy:2.6
   health_interval_s: 1""",
     )
     try:

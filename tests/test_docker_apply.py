@@ -78,18 +78,24 @@ def test_cold_apply_then_noop(
 def test_changed_argument_recreates_only_that_service(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
     assert fleet.apply("motoko", capsys)[0] == 0
     before = {c["name"]: c["id"] for c in fleet.containers("motoko")}
-    assert set(before) == {f"{fleet.prefix}litellm", f"{fleet.prefix}motoko-redis-1"}
+    assert set(before) == {f"{fleet.prefix}litellm", f"{fleet.prefix}motoko-haproxy-1", f"{fleet.prefix}motoko-redis-1"}
     fleet.edit("hosts/motoko.yaml", "litellm_port:", "litellm_workers: 2\n  litellm_port:")
     code, out = fleet.plan("motoko", capsys)
     assert code == 2
-    assert [(a["action"], a["target"]) for a in out["actions"]] == [("noop", "redis"), ("recreate", "litellm")]
+    assert [(a["action"], a["target"]) for a in out["actions"]] == [
+        ("noop", "redis"),
+        ("recreate", "litellm"),
+        ("noop", "haproxy"),
+    ]
     assert out["actions"][1]["changed"] == ["command"]
     code, out = fleet.apply("motoko", capsys)
     assert code == 0, out
     after = {c["name"]: c["id"] for c in fleet.containers("motoko")}
     assert after[f"{fleet.prefix}motoko-redis-1"] == before[f"{fleet.prefix}motoko-redis-1"]
+    # The front proxy holds the port: LiteLLM is replaced behind it, the front is untouched.
+    assert after[f"{fleet.prefix}motoko-haproxy-1"] == before[f"{fleet.prefix}motoko-haproxy-1"]
     assert after[f"{fleet.prefix}litellm"] != before[f"{fleet.prefix}litellm"]
-    assert len(after) == 2
+    assert len(after) == 3
 
 
 def test_config_file_change_sends_the_declared_signal(

@@ -60,7 +60,9 @@ def test_kill_9_at_a_random_moment_then_the_next_pass_converges(fleet: Fleet, ru
     code, out = _apply(fleet, state)
     assert code == 0, out
     names = sorted(c["name"] for c in fleet.containers("motoko"))
-    assert names == [f"{fleet.prefix}litellm", f"{fleet.prefix}motoko-redis-1"], names
+    assert names == [f"{fleet.prefix}litellm", f"{fleet.prefix}motoko-haproxy-1", f"{fleet.prefix}motoko-redis-1"], (
+        names
+    )
     json.loads((state / "state.json").read_text())  # valid, whole
     mounted = docker("exec", f"{fleet.prefix}litellm", "cat", "/app/config/config.yaml")
     assert "budget_limit: 555" in mounted, mounted

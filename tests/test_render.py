@@ -29,7 +29,13 @@ def render(repo: Path, host: str, out: Path, *extra: str) -> dict[str, str]:
 
 def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     files = render(repo, "motoko", tmp_path / "out")
-    assert set(files) == {"compose.yaml", "config/config.yaml", "config/fleet_auth.py", "litellm.env"}
+    assert set(files) == {
+        "compose.yaml",
+        "config/config.yaml",
+        "config/fleet_auth.py",
+        "litellm.env",
+        "haproxy/haproxy.cfg",
+    }
     cfg: dict[str, Any] = yaml.safe_load(files["config/config.yaml"])
     groups: dict[str, list[dict[str, Any]]] = {}
     for m in cfg["model_list"]:
@@ -76,7 +82,21 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     assert "GRACEFUL_SHUTDOWN_TIMEOUT=150" in env  # routing.timeout_s (120) + 30
     compose = yaml.safe_load(files["compose.yaml"])
     assert compose["services"]["litellm"]["container_name"] == "litellm"
-    assert compose["services"]["litellm"]["ports"] == ["0.0.0.0:8000:4000"]
+    # The front proxy holds the public port; LiteLLM publishes none (it is replaced
+    # start-before-stop behind it) and gets the time to finish its answers when it stops.
+    assert "ports" not in compose["services"]["litellm"]
+    assert compose["services"]["litellm"]["stop_grace_period"] == "160s"  # GRACEFUL_SHUTDOWN_TIMEOUT + 10
+    front = compose["services"]["haproxy"]
+    assert front["ports"] == ["0.0.0.0:8000:4000"]
+    assert front["image"].startswith("haproxy:")
+    assert front["volumes"] == ["./haproxy:/usr/local/etc/haproxy:ro"]
+    haproxy = files["haproxy/haproxy.cfg"]
+    assert "server-template litellm 4 litellm:4000 check\n" in haproxy
+    assert "retry-on conn-failure empty-response" in haproxy
+    assert "response-timeout" not in haproxy.split("retry-on", 1)[1].splitlines()[0]  # no retry of a slow answer
+    # fallback chain local/chat -> reasoner -> openai/strong: 3 x routing.timeout_s (120) + 30
+    assert "timeout server 390s" in haproxy and "timeout client 390s" in haproxy
+    assert not any(v in haproxy for v in SECRET_VALUES)
     assert "--run_gunicorn" in compose["services"]["litellm"]["command"]
     assert compose["services"]["redis"]["image"].startswith("redis:")
 

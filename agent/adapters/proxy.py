@@ -30,6 +30,11 @@ SILENT_S = 30.0
 SILENT_AFTER_S = 15.0
 SILENT = "the proxy API does not answer"
 NOT_LISTENING = "nothing listens on the proxy's port"
+#: Header of the answers the front proxy (HAProxy, roles/motoko haproxy.cfg) makes itself: no
+#: LiteLLM container could be reached behind it. To the agent, that is a refused connection.
+FRONT_HEADER = "x-llm-front"
+#: Of those, the ones saying nothing answered behind the front (not a late answer: 504).
+FRONT_UNREACHABLE = frozenset({"bad_gateway", "service_unavailable"})
 
 
 @dataclass(frozen=True)
@@ -134,11 +139,16 @@ class _Answer:
 
 
 def _served(url: str, key: str, timeout_s: float, client: httpx.Client | None) -> _Answer:
+    """What one ask of ``/v1/model/info`` saw. A 502/503 made by the front proxy itself (its
+    ``x-llm-front`` header) counts as refused: no LiteLLM container answers behind it."""
     http = client or httpx.Client(timeout=timeout_s, trust_env=False)
     try:
         headers = {"Authorization": f"Bearer {key}", "Connection": "close"}
         r = http.get(f"{url.rstrip('/')}/v1/model/info", headers=headers)
         if r.status_code != 200:
+            if r.headers.get(FRONT_HEADER) in FRONT_UNREACHABLE:
+                # The front proxy answered for LiteLLM: nothing listens behind it.
+                return _Answer(refused=True)
             return _Answer(answered=True, status=r.status_code)
         data: Any = r.json().get("data", [])
         ids = frozenset(

@@ -476,6 +476,9 @@ class MotokoVars(Strict):
     litellm_bearer_token: SecretRef
     #: Redis image (cooldowns, health state and the OpenAI spend, shared by the workers).
     redis_image: str
+    #: Image of the front proxy (HAProxy) that holds ``litellm_port`` and spreads requests over
+    #: the LiteLLM containers, so a LiteLLM replacement starts the new one before the old goes.
+    haproxy_image: str
     #: Seconds between healthchecks of the gateway's containers.
     health_interval_s: IntervalS
     #: API base of the embeddings service behind ``local/embed``.

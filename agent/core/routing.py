@@ -318,6 +318,15 @@ def graceful_shutdown_s(policy: RoutingPolicy) -> int:
     return math.ceil(max(policy.request_timeout_s, policy.first_token_timeout_s)) + 30
 
 
+def front_timeout_s(policy: RoutingPolicy) -> int:
+    """The front proxy's (HAProxy) server and client timeouts, seconds: LiteLLM may stay silent
+    while it waits for each model of the longest fallback chain in turn (a non-streaming answer
+    sends nothing until done), so the front must wait for all of them, with a margin; a shorter
+    timeout would cut a legitimate long generation that the proxy behind it still serves."""
+    chain = 1 + max((len(v) for v in policy.fallbacks.values()), default=0)
+    return chain * math.ceil(max(policy.request_timeout_s, policy.first_token_timeout_s)) + 30
+
+
 def cooldown_policy(policy: RoutingPolicy) -> dict[str, int]:
     """Per-deployment ``allowed_fails_policy`` (LiteLLM ``model_info``; the router-level one would
     switch health-check routing off, router.py ``_async_filter_health_check_unhealthy_deployments``).

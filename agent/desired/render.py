@@ -37,7 +37,7 @@ from agent.core.ports import Secrets
 from agent.core.redact import REDACTED, scrub
 from agent.core.rendered import RenderedStack, project_name
 from agent.core.roles import Role
-from agent.core.routing import Decision, Health, backends, decide, graceful_shutdown_s, litellm_config
+from agent.core.routing import Decision, Health, backends, decide, front_timeout_s, graceful_shutdown_s, litellm_config
 from agent.core.stack import StackFile, parse_compose
 from agent.core.yamlsrc import dump, load
 from agent.desired import sandbox
@@ -100,6 +100,7 @@ def render_host(  # noqa: PLR0913  (keyword-only: the inputs of one render)
         context["routing"] = decisions
         context["litellm_config"] = litellm_config(desired.fleet, decisions, host.motoko.litellm_router_settings_extra)
         context["graceful_shutdown_timeout_s"] = graceful_shutdown_s(desired.fleet.routing)
+        context["front_timeout_s"] = front_timeout_s(desired.fleet.routing)
 
     # Secret variables: resolved (reveal) or redacted; a missing one is a located error.
     for key, value in list(context.items()):
