@@ -87,8 +87,10 @@ class DrainFleet(Fleet):
         return self.applied(commit) and self.in_routing(*GPU_HOSTS) and not self.leases()
 
     def leases(self) -> list[dict[str, Any]]:
+        """The drain leases in force (expired ones stay on file until given back or replaced)."""
         r = httpx.get(f"http://127.0.0.1:{self.demo.PORTS['fleet_api']}/v1/drains", timeout=5)
-        return list(r.json().get("leases") or []) if r.status_code == 200 else []
+        held = r.json().get("leases") or [] if r.status_code == 200 else []
+        return [lease for lease in held if lease.get("state") != "expired"]
 
     def agent_pid(self, host: str) -> int:
         return int((self.home / "hosts" / f"{host}.pid").read_text())
@@ -250,6 +252,7 @@ def test_a_push_changing_both_gpu_hosts_never_takes_both_out(fleet: DrainFleet) 
     print(f"both hosts: {len(samples)} samples, {len(one_out)} with one backend out, none with both out")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the restarted agent's Popen
 def test_the_motoko_agent_killed_mid_drain_keeps_its_lease_and_the_rollout_finishes(fleet: DrainFleet) -> None:
     token = fleet.token()
     threads, streams = start_streams(token, 1, 200)  # 20 s: the drain waits for it
@@ -283,4 +286,6 @@ def test_motoko_unreachable_the_node_goes_on_after_its_deadline_and_says_so(flee
     finally:
         os.kill(motoko, signal.SIGCONT)
     assert "going on WITHOUT a drain" in fleet.log("armitage")
-    assert wait_until(lambda: fleet.settled(commit), 120, step=1), fleet.status()
+    # The asks a frozen motoko queued are answered when it wakes: the lease they grant is given
+    # back by the node at once (it retries its release), not held until it expires.
+    assert wait_until(lambda: fleet.settled(commit), 60, step=1), (fleet.status(), fleet.leases())

@@ -99,7 +99,7 @@ class HttpxDrains:
             r = self.client.request(method, f"{url.rstrip('/')}/v1/drains", json=body, headers=headers)
         except httpx.TimeoutException:
             return DrainAnswer(None, {}, "timed out")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: the client was closed
             return DrainAnswer(None, {}, _one_line(f"{type(exc).__name__}: {exc}"))
         try:
             data = r.json()

@@ -163,8 +163,9 @@ class FleetDrain:
             if renewer is not None:
                 self._done.set()
                 renewer.join(5.0)
-            if granted:
-                self._give_back(service)
+            # Given back even when motoko was not reached: asks it had queued (a frozen motoko
+            # agent answers them when it wakes) may have granted a lease nobody holds.
+            self._give_back(service, granted)
             self._set("idle", "")
 
     # ------------------------------------------------------------------ steps
@@ -209,7 +210,7 @@ class FleetDrain:
                 raise DrainAborted(f"{service}: the agent is stopping while waiting for a drain lease")
             self.clock.sleep(ASK_EVERY_S)
 
-    def _give_back(self, service: str) -> None:
+    def _give_back(self, service: str, granted: bool) -> None:
         """Give the lease back; motoko unreachable (restarting): try again on a thread until the
         lease would have expired anyway, so the backend is not held out of routing for nothing."""
         t = self.target
@@ -217,7 +218,8 @@ class FleetDrain:
         answer = self.api.release(t.motoko_url, t.token)
         if answer.status == 200:
             return
-        self.say(f"{service}: drain lease not given back yet ({answer.detail or answer.status}); trying again")
+        if granted:
+            self.say(f"{service}: drain lease not given back yet ({answer.detail or answer.status}); trying again")
         url, token, until = t.motoko_url, t.token, time.monotonic() + t.policy.lease_ttl_s
 
         def again() -> None:
