@@ -73,7 +73,7 @@ class NodeDuty:
             self._load(path, commit, result.role or "")
         info = result.services.get(BACKEND_SERVICE) or {}
         self.container = info.get("container") or self.container
-        self.container_name = info.get("name") or self.container_name
+        self.container_name = info.get("container_name") or self.container_name
         self._engine = engine
         self.refresh(commit=commit)
         if self._thread is None and self.reporter is not None:

@@ -448,7 +448,10 @@ def run_summary(result: PassResult) -> dict[str, Any]:
 
 def service_list(services: dict[str, Any]) -> list[dict[str, Any]]:
     """The contract's form: one entry per service with its name, container id, state, health."""
-    return [{"name": name, **info} for name, info in sorted(services.items())]
+    return [
+        {"name": name, **{k: v for k, v in info.items() if k != "container_name"}}
+        for name, info in sorted(services.items())
+    ]
 
 
 def set_pause(store: StateStore, reason: str | None) -> None:

@@ -513,7 +513,7 @@ def _services(stack: StackSpec, observed: Observed) -> dict[str, dict[str, str |
         c = next((c for c in mine if c.name == container_name(stack, name)), mine[0] if mine else None)
         out[name] = {
             "container": c.id[:12] if c else None,
-            "name": container_name(stack, name),
+            "container_name": container_name(stack, name),
             "state": c.state if c else "missing",
             "health": c.health if c else None,
             "commit": c.labels.get(L.COMMIT) if c else None,
