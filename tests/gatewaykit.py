@@ -16,6 +16,7 @@ gpu_node's ``FleetDrain`` asking it over HTTP.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -266,3 +268,29 @@ def wait_until(check: Callable[[], object], deadline_s: float, step: float = 0.1
             return True
         time.sleep(step)
     return False
+
+
+def stream_chat(port: int, token: str, max_tokens: int, out: dict[str, Any]) -> None:
+    """One streamed ``local/chat`` completion through the proxy on ``port``; ``out`` gets its
+    status, the text, how it finished, or the client's error."""
+    body = {"model": "local/chat", "messages": [{"role": "user", "content": "a long answer"}]}
+    text, finish = "", None
+    try:
+        with (
+            httpx.Client(timeout=httpx.Timeout(30.0)) as http,
+            http.stream(
+                "POST",
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={**body, "max_tokens": max_tokens, "stream": True},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r,
+        ):
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                    text += (choice.get("delta") or {}).get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+    except httpx.HTTPError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["text"], out["finish"] = text, finish

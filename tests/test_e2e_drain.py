@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-import json
 import os
 import re
 import signal
@@ -33,7 +32,7 @@ import docker
 import httpx
 import pytest
 
-from tests.gatewaykit import Load, failed, pct, wait_until
+from tests.gatewaykit import Load, failed, pct, stream_chat, wait_until
 from tests.test_e2e_fleet import DEMO, PROXY, Fleet, keep_logs
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.e2e]
@@ -118,37 +117,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrainFleet]:
         subprocess.run([str(DEMO), "down"], env=f.env, check=False, capture_output=True, timeout=300)
 
 
-def stream(token: str, max_tokens: int, out: dict[str, Any]) -> None:
-    """One streamed local/chat completion; ``out``: who answered, chunks, how it ended."""
-    body = {
-        "model": "local/chat",
-        "messages": [{"role": "user", "content": "a long answer"}],
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
-    text, finish = "", None
-    try:
-        with (
-            httpx.Client(timeout=httpx.Timeout(30.0)) as http,
-            http.stream(
-                "POST", f"{PROXY}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
-            ) as r,
-        ):
-            out["status"] = r.status_code
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choice = (json.loads(line[6:]).get("choices") or [{}])[0]
-                text += (choice.get("delta") or {}).get("content") or ""
-                finish = choice.get("finish_reason") or finish
-    except httpx.HTTPError as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    out["text"], out["finish"] = text, finish
-
-
 def start_streams(token: str, n: int, max_tokens: int) -> tuple[list[threading.Thread], list[dict[str, Any]]]:
     results: list[dict[str, Any]] = [{} for _ in range(n)]
-    threads = [threading.Thread(target=stream, args=(token, max_tokens, results[i])) for i in range(n)]
+    threads = [threading.Thread(target=stream_chat, args=(18000, token, max_tokens, results[i])) for i in range(n)]
     for t in threads:
         t.start()
     return threads, results

@@ -11,7 +11,6 @@ armitage is back in routing once its new model answers. The proxy master is neve
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gatewaykit import Load, ProcessGateway, failed, pct, wait_until
+from tests.gatewaykit import Load, ProcessGateway, failed, pct, stream_chat, wait_until
 from tests.proxykit import Proc, start_fake
 from tests.test_litellm_proxy import TOKEN, start_stack
 from tests.test_litellm_resilience import stop_all
@@ -39,30 +38,6 @@ def stack(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_por
     stop_all(procs)
 
 
-def stream(port: int, max_tokens: int, out: dict[str, Any]) -> None:
-    body = {"model": "local/chat", "messages": [{"role": "user", "content": "long"}], "max_tokens": max_tokens}
-    text, finish = "", None
-    try:
-        with (
-            httpx.Client(timeout=httpx.Timeout(30.0)) as http,
-            http.stream(
-                "POST",
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json={**body, "stream": True},
-                headers={"Authorization": f"Bearer {TOKEN}"},
-            ) as r,
-        ):
-            out["status"] = r.status_code
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    choice = (json.loads(line[6:]).get("choices") or [{}])[0]
-                    text += (choice.get("delta") or {}).get("content") or ""
-                    finish = choice.get("finish_reason") or finish
-    except httpx.HTTPError as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    out["text"], out["finish"] = text, finish
-
-
 def test_a_drained_redeploy_of_armitage_under_load_drops_nothing(
     repo: Path, tmp_path: Path, stack: dict[str, Proc]
 ) -> None:
@@ -73,7 +48,7 @@ def test_a_drained_redeploy_of_armitage_under_load_drops_nothing(
     api_base = f"http://127.0.0.1:{port}/v1"
     served = "Qwen/Qwen2.5-7B-Instruct-AWQ"
     streams: list[dict[str, Any]] = [{} for _ in range(3)]
-    threads = [threading.Thread(target=stream, args=(stack["proxy"].port, 600, s)) for s in streams]
+    threads = [threading.Thread(target=stream_chat, args=(stack["proxy"].port, TOKEN, 600, s)) for s in streams]
     load = Load(stack["proxy"].port, TOKEN).start()
     try:
         for t in threads:
