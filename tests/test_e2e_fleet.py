@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -28,9 +29,10 @@ import httpx
 import pytest
 import yaml
 
+from agent.adapters.proxy import REFUSED_KEY_STATUS as REFUSED
 from agent.adapters.secrets import SecretResolver
 from tests.conftest import DEMO_IDENTITY
-from tests.gatewaykit import Load, failed, wait_until
+from tests.gatewaykit import Load, failed, pct, wait_until, window
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +50,7 @@ class Fleet:
         self.env = {**os.environ, "LLM_AGENT_DEMO": str(home)}
         self.work = home / "desired"
 
-    def cli(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, host: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         env = {
             **self.env,
             "PYTHONPATH": str(ROOT),
@@ -57,7 +59,7 @@ class Fleet:
             "AGENT_STATE_DIR": str(self.home / "hosts" / host),
         }
         cmd = ["python", "-m", "agent.cli", *args]
-        return subprocess.run(cmd, env=env, text=True, capture_output=True, check=False)
+        return subprocess.run(cmd, env=env, text=True, capture_output=True, check=False, input=stdin)
 
     def status(self, host: str = "motoko") -> dict:  # type: ignore[type-arg]
         env = {
@@ -223,6 +225,61 @@ def test_armitage_killed_under_load_costs_no_request_and_comes_back(fleet: Fleet
     assert failed(outcomes) == [], failed(outcomes)[:5]
 
 
+def routing_event(fleet: Fleet, backend: str, change: str, since: float) -> float | None:
+    """When motoko's routing last took ``backend`` out or put it in (``change``) after ``since``
+    (wall clock), or None."""
+    events = fleet.status().get("routing_state", {}).get("events", [])
+    at = [e["at"] for e in events if e["backend"] == backend and e["change"] == change and e["at"] >= since]
+    return max(at) if at else None
+
+
+#: LiteLLM's timeout for a local backend's non-streaming answer in the hang test (the desired
+#: state's ``routing.timeout_s``, default 120 s): what the requests caught by the hang pay once
+#: before they fall back within the same request.
+HANG_TIMEOUT_S = 10
+
+
+def test_armitage_hung_costs_no_request_and_latency_is_back_under_100_ms_p50_within_10_s(fleet: Fleet) -> None:
+    """armitage's vLLM accepts and never answers (its agent keeps running: nothing restarts a
+    hung backend for it). Zero failed requests; from 10 s after the hang on, p50 under 100 ms;
+    the proxy container is never restarted; armitage back once it answers again."""
+    fleet.settle()
+    commit = fleet.push(
+        "fleet.yaml",
+        "  failure_threshold: 3",
+        f"  failure_threshold: 3\n  timeout_s: {HANG_TIMEOUT_S}",
+        "e2e: a short timeout for a hung local backend",
+    )
+    assert wait_until(lambda: fleet.applied(commit), 90, step=1), fleet.summary()
+    proxy = container_id("demo-litellm")
+    token = fleet.token()
+    load = Load(18000, token).start()
+    try:
+        time.sleep(3)
+        assert httpx.post(f"{FAKE_VLLM['armitage']}/fake/mode", json={"mode": "hang"}, timeout=5).status_code == 200
+        hung, began = time.time(), time.monotonic()
+        wait_until(lambda: routing_event(fleet, "armitage", "out", hung) is not None, 30, step=0.5)
+        out = routing_event(fleet, "armitage", "out", hung)
+        time.sleep(max(0.0, began + 20 - time.monotonic()))
+    finally:
+        httpx.post(f"{FAKE_VLLM['armitage']}/fake/mode", json={"mode": "ok"}, timeout=5)  # lets what hangs go
+        outcomes = load.stop()
+    settled = window(outcomes, began + 10, began + 20)
+    latencies = [o.seconds for o in settled]
+    print(
+        f"armitage hung: {len(outcomes)} requests, {len(failed(outcomes))} failed; out of routing "
+        f"{(out or float('nan')) - hung:.1f} s after the hang; from 10 s on: {len(settled)} requests, "
+        f"p50 {pct(latencies, 50) * 1000:.0f} ms, p99 {pct(latencies, 99) * 1000:.0f} ms, "
+        f"by {sorted({o.by for o in settled})}"
+    )
+    assert failed(outcomes) == [], failed(outcomes)[:5]
+    assert out is not None, f"armitage never taken out of routing: {fleet.status().get('routing_state')}"
+    assert settled and pct(latencies, 50) < 0.1, f"p50 {pct(latencies, 50):.3f} s from 10 s after the hang on"
+    assert container_id("demo-litellm") == proxy, "the proxy was reloaded, never restarted"
+    assert wait_until(lambda: routing_event(fleet, "armitage", "in", hung) is not None, 60, step=1), fleet.status()
+    assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2), "local/chat is armitage's again"
+
+
 def container_id(name: str) -> str:
     out = subprocess.run(
         ["docker", "inspect", "-f", "{{.Id}} {{.State.Status}}", name], text=True, capture_output=True, check=True
@@ -253,6 +310,56 @@ def test_a_bad_push_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
     # before for up to cooldown_s, 30 s).
     assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2)
     fleet.push("hosts/armitage.yaml", "serves: [local/chat\n", "serves: [local/chat]\n", "fix")
+
+
+def models_status(key: str) -> int:
+    """``/v1/models`` with ``key`` on a new connection (any proxy worker may take it)."""
+    r = httpx.get(f"{PROXY}/v1/models", headers={"Authorization": f"Bearer {key}", "Connection": "close"}, timeout=10)
+    return r.status_code
+
+
+def test_a_bearer_token_rotation_pushed_as_a_newly_encrypted_secret_costs_no_request(fleet: Fleet) -> None:
+    """The operator encrypts a new token with ``agent secret encrypt`` and pushes it; the clients
+    switch once motoko's ``agent status`` shows the commit applied (its first reload: every
+    proxy worker accepts both tokens). Clients on the old token get answers or a clean refusal,
+    never a 5xx; no request with the new token fails; then the old one is refused (the second
+    reload follows at once); the proxy container is the same throughout."""
+    fleet.settle()
+    old, new = fleet.token(), "sk-demo-rotated-" + secrets.token_hex(12)
+    assert models_status(old) == 200 and models_status(new) in REFUSED
+    proxy = container_id("demo-litellm")
+    old_load = Load(18000, old).start()
+    new_load: Load | None = None
+    try:
+        time.sleep(2)
+        enc = fleet.cli("motoko", "secret", "encrypt", "litellm_bearer_token", "--repo", str(fleet.work), stdin=new)
+        assert enc.returncode == 0, enc.stderr
+        git = ["git", "-C", str(fleet.work), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run([*git, "commit", "-qam", "rotate the gateway's bearer token"], check=True)
+        subprocess.run([*git, "push", "-q"], check=True, capture_output=True)
+        pushed, commit = time.monotonic(), fleet.head()
+        assert wait_until(lambda: fleet.status("motoko").get("applied_commit") == commit, 90, step=0.5), fleet.summary()
+        accepted = time.monotonic() - pushed
+        new_load = Load(18000, new).start()  # the clients switch once motoko says it is applied
+        assert wait_until(lambda: all(models_status(old) in REFUSED for _ in range(6)), 90, step=1)
+        refused = time.monotonic() - pushed
+        time.sleep(3)
+    finally:
+        olds = old_load.stop()
+        news = new_load.stop() if new_load is not None else []
+    print(
+        f"rotation: applied on motoko {accepted:.1f} s after the push, the old one refused after "
+        f"{refused:.1f} s; new token: {len(news)} requests, {len(failed(news))} failed; old token: "
+        f"{len(olds)} requests, statuses {sorted({o.status or 0 for o in olds})}"
+    )
+    assert news and failed(news) == [], failed(news)[:5]
+    # The old token: answered until it is retired, then refused; never a 5xx or a cut connection.
+    assert {o.status for o in olds} <= {200, *REFUSED}, [o.by for o in olds if o.status not in (200, *REFUSED)][:5]
+    assert all(models_status(old) in REFUSED for _ in range(6)) and chat(old).status_code in REFUSED
+    assert {models_status(new) for _ in range(6)} == {200} and "@armitage" in chat(new).text
+    assert fleet.token() == new
+    assert container_id("demo-litellm") == proxy, "reloaded, never restarted"
+    assert (fleet.status("motoko").get("last_run") or {}).get("result") == "converged", fleet.summary()
 
 
 # --------------------------------------------------------------------------- OpenAI, Gemma

@@ -221,6 +221,40 @@ def test_the_fleet_api_answers_and_takes_only_reports_signed_by_their_own_host(m
     assert "host wintermute never reported" in problems(status)
 
 
+def test_the_fleet_api_takes_reports_while_the_first_pass_still_waits_for_the_proxy(
+    motoko: Motoko, tmp_path: Path
+) -> None:
+    """The gateway's first pass waits for the proxy to be healthy (half a minute on two
+    cores); the nodes report meanwhile, not after it (the demo came up 30 s later for it)."""
+    release = threading.Event()
+    motoko.engine.on("create", lambda name: release.wait(10) if name == "litellm" else None)
+    motoko.source.push(A, motoko.repo)
+    first = threading.Thread(target=motoko.daemon.one_pass)
+    first.start()
+    try:
+        url = f"http://127.0.0.1:{motoko.api_port}"
+        body = report_data(host="armitage", commit="abcdef0", sent_at=time.time())
+        answer = None
+        end = time.monotonic() + 5
+        while answer is None and time.monotonic() < end:
+            try:
+                answer = httpx.post(
+                    f"{url}/v1/reports",
+                    json=body,
+                    headers={"Authorization": f"Bearer {token(motoko.repo, tmp_path, 'armitage')}"},
+                    timeout=5,
+                    trust_env=False,
+                )
+            except httpx.ConnectError:
+                time.sleep(0.05)
+        assert first.is_alive(), "the pass is still creating the proxy"
+        assert answer is not None and answer.status_code == 200, answer and answer.text
+    finally:
+        release.set()
+        first.join(10)
+    assert motoko.daemon.last is not None and motoko.daemon.last.result is PassOutcome.CONVERGED
+
+
 def test_a_failing_backend_leaves_the_routing_by_a_reload_and_comes_back(motoko: Motoko) -> None:
     proxy = FakeProxy(motoko.proxy_port, motoko.tmp / "state" / "stacks" / "motoko" / "config" / "config.yaml")
     motoko.serve_deadline_s = 20.0
@@ -368,6 +402,10 @@ def test_a_gpu_node_reports_its_stage_and_commit_to_motoko(tmp_path: Path, repo:
                 time.sleep(0.02)  # the reporter counts a delivery once motoko has answered
             [record] = api.store.hosts()
             status = daemon.status()
+            # An unreachable motoko is retried at least once per report interval, never backed
+            # off further (a motoko starting hears from every node within an interval).
+            assert daemon.node is not None and daemon.node.reporter is not None
+            assert daemon.node.reporter.max_backoff_s == daemon.node.reporter.interval_s
         finally:
             daemon.close()
     assert record.report.host == "armitage" and record.report.commit == B

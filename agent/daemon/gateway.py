@@ -85,6 +85,11 @@ class GatewayDuty:
 
     # ------------------------------------------------------------------ after each pass
 
+    def prepare(self, path: Path, commit: str) -> None:
+        """Before the first pass: the fleet API and the routing loop on ``commit``'s settings."""
+        if self.view is None:
+            self._load(path, commit)
+
     def after_pass(self, path: Path, commit: str, result: PassResult, engine: Engine) -> None:
         if self.view is None or self.view.commit != commit:
             self._load(path, commit)

@@ -119,7 +119,11 @@ class NodeDuty:
             log.info("not reporting to motoko", why="no report_token" if not local.token else "no motoko_url")
             return
         if self.reporter is None:
-            self.reporter = Reporter(local.url, self.settings.host, local.token, local.interval_s)
+            # Retries back off up to one report interval, no further: a motoko that comes up
+            # (or back) hears from every node within an interval, not after a minute's backoff.
+            self.reporter = Reporter(
+                local.url, self.settings.host, local.token, local.interval_s, max_backoff_s=local.interval_s
+            )
             self.reporter.start()
             log.info("reporting to motoko", url=local.url, every_s=local.interval_s)
         else:

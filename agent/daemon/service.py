@@ -278,6 +278,7 @@ class Daemon:
         if isinstance(engine, PassResult):
             engine.run_id = run_id
             return engine
+        self._gateway_early(checkout.path, checkout.commit)
         started = self.clock.monotonic()
         result = self._reconcile(engine, checkout.path, checkout.commit, run_id, record=True)
         if result.error and result.changed() == 0 and last_good and last_good != checkout.commit:
@@ -307,6 +308,21 @@ class Daemon:
                 self.node.after_pass(path, commit, result, engine)
         except (AgentError, OSError) as exc:
             log.error("fleet duty failed", error=self.redactor.scrub(str(exc)))
+
+    def _gateway_early(self, path: Path, commit: str) -> None:
+        """On the gateway's first pass, its fleet duty (the fleet API, the routing loop) starts
+        before the stack does, not after: the first pass waits for the proxy to be healthy
+        (half a minute on two cores), and the nodes' reports are taken meanwhile. A desired
+        state that does not load is the pass's to report."""
+        if self.gateway is not None or self.duties.gateway is None:
+            return
+        try:
+            if self._host_kind(path, commit) != "gateway":
+                return
+            self.gateway = self.duties.gateway(self.settings, self.redactor, self.trigger)
+            self.gateway.prepare(path, commit)
+        except (AgentError, OSError) as exc:
+            log.debug("fleet duty not started before the pass", error=self.redactor.scrub(str(exc)))
 
     def _host_kind(self, path: Path, commit: str) -> str:
         if self._kind is None or self._kind[0] != commit:
