@@ -132,6 +132,11 @@ class Fleet:
         assert wait_until(lambda: self.applied(head), timeout_s, step=1), f"head {head[:12]}\n{self.summary()}"
         return head
 
+    def first_pass_on(self, host: str, commit: str) -> float | None:
+        """When ``host``'s first pass on ``commit`` started (wall clock; its state file's runs)."""
+        state = json.loads((self.home / "hosts" / host / "state.json").read_text())
+        return min((r["started"] for r in state.get("runs", []) if r.get("commit") == commit), default=None)
+
     def openai_fake(self) -> str:
         """The fake OpenAI's URL (no ``/v1``): the demo's ``openai_api_base``."""
         base = self.read("fleet.yaml").get("openai_api_base")
@@ -182,6 +187,7 @@ def test_the_seeds_verification(fleet: Fleet) -> None:
 
 
 def test_a_push_converges_every_host_and_motoko_shows_the_commit(fleet: Fleet) -> None:
+    pushed = time.time()
     commit = fleet.push("fleet.yaml", "openai_budget_monthly_usd: 150", "openai_budget_monthly_usd: 140", "budget")
     began = time.monotonic()
 
@@ -193,6 +199,11 @@ def test_a_push_converges_every_host_and_motoko_shows_the_commit(fleet: Fleet) -
 
     assert wait_until(everywhere, 60, step=1), fleet.status()
     print(f"push converged on every host and shown by motoko in {time.monotonic() - began:.1f} s")
+    # Pulled at the push (the post-receive hook's trigger), not at the next poll (every 30 s
+    # here): each host's first pass on the commit started within seconds of it.
+    for h in HOSTS:
+        started = fleet.first_pass_on(h, commit)
+        assert started is not None and started - pushed < 5, f"{h}: first pass on it {started and started - pushed} s"
 
 
 def test_armitage_killed_under_load_costs_no_request_and_comes_back(fleet: Fleet) -> None:
@@ -303,13 +314,44 @@ def test_a_bad_push_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
     assert fleet.status("armitage")["applied_commit"] == before
     motoko = fleet.status("motoko")
     assert (motoko.get("last_run") or {}).get("failure") == "desired-state", "motoko reads every host file too"
+    # motoko's fleet view says what armitage's own status says (armitage's report).
+    problem = wait_until(lambda: "hosts/armitage.yaml:" in (seen_by_motoko(fleet, "armitage").get("problem") or ""), 30)
+    assert problem, seen_by_motoko(fleet, "armitage")
     assert {n: container_id(n) for n in running} == running, "same containers, still running"
     token = fleet.token()
     assert chat(token).status_code == 200
     # armitage keeps serving local/chat (LiteLLM may still hold it in a cooldown from the test
     # before for up to cooldown_s, 30 s).
     assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2)
-    fleet.push("hosts/armitage.yaml", "serves: [local/chat\n", "serves: [local/chat]\n", "fix")
+    fixed = fleet.push("hosts/armitage.yaml", "serves: [local/chat\n", "serves: [local/chat]\n", "fix")
+    assert wait_until(lambda: fleet.applied(fixed), 90, step=1), fleet.summary()
+    assert wait_until(lambda: seen_by_motoko(fleet, "armitage").get("problem") is None, 30)
+
+    # An image that does not exist (no registry has it): the pull fails, the old container
+    # keeps serving, and both views say which image.
+    missing = "llm-agent/does-not-exist:1"
+    bad = fleet.set("hosts/armitage.yaml", "vllm_image", missing, "an image nobody built")
+
+    def failed_pull() -> bool:
+        last = fleet.status("armitage").get("last_run") or {}
+        return last.get("commit") == bad and last.get("result") == "failed"
+
+    assert wait_until(failed_pull, 120, step=1), fleet.status("armitage").get("last_run")
+    error = fleet.status("armitage")["last_run"]["error"]
+    assert missing in error, error
+    assert fleet.status("armitage")["applied_commit"] == fixed
+    assert wait_until(lambda: missing in (seen_by_motoko(fleet, "armitage").get("problem") or ""), 30), seen_by_motoko(
+        fleet, "armitage"
+    )
+    assert {n: container_id(n) for n in running} == running, "same containers, still running"
+    assert "@armitage" in chat(token).text
+    print(f"a missing image, as armitage and motoko say it: {seen_by_motoko(fleet, 'armitage')['problem']}")
+    fleet.set("hosts/armitage.yaml", "vllm_image", "llm-agent/fake-vllm:1", "the image back")
+
+
+def seen_by_motoko(fleet: Fleet, host: str) -> dict:  # type: ignore[type-arg]
+    """``host`` in motoko's fleet view (its last report)."""
+    return {h["host"]: h for h in fleet.status().get("fleet") or []}.get(host) or {}
 
 
 def models_status(key: str) -> int:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -227,7 +228,12 @@ def test_the_fleet_api_takes_reports_while_the_first_pass_still_waits_for_the_pr
     """The gateway's first pass waits for the proxy to be healthy (half a minute on two
     cores); the nodes report meanwhile, not after it (the demo came up 30 s later for it)."""
     release = threading.Event()
-    motoko.engine.on("create", lambda name: release.wait(10) if name == "litellm" else None)
+
+    def slow_proxy(name: str) -> None:
+        if name == "litellm":
+            release.wait(10)
+
+    motoko.engine.on("create", slow_proxy)
     motoko.source.push(A, motoko.repo)
     first = threading.Thread(target=motoko.daemon.one_pass)
     first.start()
@@ -428,3 +434,61 @@ def test_the_fleet_page_reads_the_gateway_status_over_the_fleet_api(motoko: Moto
     assert [h["host"] for h in view["fleet"]] == [h["host"] for h in status["fleet"]] == ["armitage", "wintermute"]
     assert set(view["routing_state"]["backends"]) == set(status["routing_state"]["backends"]) != set()
     assert view["spend"]["budget_usd"] == status["spend"]["budget_usd"] and view["now"] > 0
+
+
+def test_a_gpu_node_whose_pass_fails_tells_motoko_why_and_clears_it_once_a_pass_converges(
+    tmp_path: Path, repo: Path
+) -> None:
+    """A bad push (here a host file that does not parse): the node keeps running what it ran and
+    its next report, sent at once, carries the failure with file:line; motoko's fleet view and
+    ``agent status`` problems show it; a good pass clears it."""
+    append(repo / "hosts" / "armitage.yaml", f"  vllm_published_port: {free_port()}\n")
+    bad = tmp_path / "bad"
+    shutil.copytree(repo, bad)
+    host_file = bad / "hosts" / "armitage.yaml"
+    host_file.write_text(host_file.read_text().replace("serves: [local/chat]", "serves: [local/chat"))
+    engine, source = FakeEngine(any_image=True), FakeSource()
+    source.push(B, repo)
+    tokens = {h: token(repo, tmp_path, h) for h in ("armitage", "wintermute")}
+
+    def seen(api: Any, check: Callable[[Any], bool]) -> Any:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            records = [r for r in api.store.hosts() if r.report.host == "armitage"]
+            if records and check(records[0].report):
+                return records[0].report
+            time.sleep(0.02)
+        raise AssertionError(f"motoko never saw it: {[r.report for r in api.store.hosts()]}")
+
+    with fleet_api(tmp_path / "fleet.db", tokens) as api:
+        settings = fake_settings("armitage", tmp_path, repo, motoko_url=api.url)
+        daemon = Daemon(
+            settings,
+            notifier=Notifier({}),
+            engine_factory=lambda: engine,
+            source=source,
+            clock=FakeClock(),
+            duties=Duties(gateway=None, node=lambda s, r: NodeDuty(s, r, probe_timeout_s=0.5)),
+        )
+        try:
+            assert (first := daemon.one_pass()) is not None and first.error is None, first and first.error
+            seen(api, lambda r: r.commit == B and r.problem is None)
+            running = dict(engine.by_name())
+            source.push(A, bad)
+            failed = daemon.one_pass()
+            assert failed is not None and failed.error, "the broken host file fails the pass"
+            report = seen(api, lambda r: r.problem is not None)
+            hosts = httpx.get(f"{api.url}/v1/fleet", timeout=5, trust_env=False).json()["hosts"]
+            source.push(B, repo)
+            assert (again := daemon.one_pass()) is not None and again.error is None, again and again.error
+            cleared = seen(api, lambda r: r.problem is None)
+        finally:
+            daemon.close()
+    assert report.problem.startswith(f"last pass on {A[:12]} failed (desired-state): "), report.problem
+    assert "hosts/armitage.yaml:" in report.problem, report.problem
+    assert report.commit == B, "what runs is still the last good commit"
+    assert engine.by_name() == running, "nothing running was touched by the bad push"
+    assert cleared.commit == B
+    [view] = [h for h in hosts if h["host"] == "armitage"]
+    assert view["problem"] == report.problem, "motoko's fleet view shows it"
+    assert f"host armitage: {report.problem}" in problems({"fleet": hosts})

@@ -56,8 +56,24 @@ def test_a_report_parses_from_json_with_its_nested_health_and_gpu() -> None:
         {"commit": "not a sha"},
         {"extra": 1},
         {"health": {"checks": [], "surprise": True}},
+        {"problem": "x" * 501},  # a problem is one line for the fleet view, not a log
+        {"problem": ""},
+        {"problem": 7},
     ],
-    ids=["seq-str", "sent_at-str", "stage", "host", "boot_id", "seq-negative", "commit", "extra", "nested-extra"],
+    ids=[
+        "seq-str",
+        "sent_at-str",
+        "stage",
+        "host",
+        "boot_id",
+        "seq-negative",
+        "commit",
+        "extra",
+        "nested-extra",
+        "problem-long",
+        "problem-empty",
+        "problem-int",
+    ],
 )
 def test_a_malformed_report_is_refused_by_the_schema(changes: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):

@@ -270,3 +270,27 @@ def test_litellm_serves_the_fake_and_reloads_a_renamed_config_on_sighup(env: Env
     assert chat(port, "local/reloaded").status_code == 200
     assert (inspect(name, "{{.Id}}"), inspect(name, "{{.State.StartedAt}}")) == before
     assert inspect(name, "{{.RestartCount}}") == "0" and inspect(name, "{{.State.Running}}") == "true"
+
+
+def test_litellm_imports_the_ascii_codec_before_any_thread_through_the_rendered_sitecustomize(
+    env: Env, tmp_path: Path
+) -> None:
+    """The first-start freeze (a worker forked while the arbiter's reaper thread imported
+    ``encodings.ascii`` inherits that import's lock, and deadlocks in its startup): the motoko
+    stack's ``config/sitecustomize.py``, found through ``PYTHONPATH=/app/config``, imports the
+    codec when Python starts, in the image's own interpreter, so no thread is left to import it."""
+    repo = tmp_path / "ds"
+    shutil.copytree(ROOT / "desired_state", repo)
+    out = tmp_path / "out"
+    assert main(["render", "--host", "motoko", "--repo", str(repo), "--out", str(out)]) == 0
+    envfile = dict(
+        line.split("=", 1) for line in (out / "litellm.env").read_text().splitlines() if line and line[0] != "#"
+    )
+    assert envfile["PYTHONPATH"] == "/app/config"
+    mount = out / "config"
+    assert (mount / "sitecustomize.py").is_file()
+    probe = "import sys; print('encodings.ascii' in sys.modules)"
+    python = ("--entrypoint", "/opt/litellm/bin/python3", "-v", f"{mount}:/app/config:ro")
+    fixed = docker("run", "--rm", "-e", "PYTHONPATH=/app/config", *python, LITELLM, "-c", probe)
+    bare = docker("run", "--rm", *python, LITELLM, "-c", probe)
+    assert (fixed.stdout.strip(), bare.stdout.strip()) == ("True", "False"), (fixed.stderr, bare.stderr)

@@ -33,6 +33,7 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
         "compose.yaml",
         "config/config.yaml",
         "config/fleet_auth.py",
+        "config/sitecustomize.py",
         "litellm.env",
         "haproxy/haproxy.cfg",
     }
@@ -76,6 +77,7 @@ def test_motoko_litellm_config(repo: Path, tmp_path: Path) -> None:
     assert cfg["general_settings"]["custom_auth"] == "fleet_auth.user_api_key_auth"
     assert cfg["general_settings"]["llm_agent_accepted_key_sha256"] == ["**REDACTED**"]
     assert files["config/fleet_auth.py"] == (ROOT / "roles/motoko/templates/fleet_auth.py").read_text()
+    assert files["config/sitecustomize.py"] == (ROOT / "roles/motoko/templates/sitecustomize.py").read_text()
     env = files["litellm.env"]
     assert "LITELLM_MASTER_KEY" not in env
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in env

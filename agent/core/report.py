@@ -25,6 +25,8 @@ from agent.core.gpu import GpuFacts
 from agent.core.health import BackendHealth, Stage
 
 DEFAULT_WINDOW_S = 60.0
+#: The longest ``problem`` a report carries (a longer one is cut by the host).
+MAX_PROBLEM = 500
 HOST_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
@@ -39,6 +41,9 @@ class NodeReport(BaseModel):
     #: Backend probes and load (gpu_node hosts); ``None`` where the role has no backend.
     health: BackendHealth | None = None
     gpu: GpuFacts | None = None
+    #: The host's last pass failed: on which commit, the failure and its error (redacted by the
+    #: host). ``None`` once a pass converged. What running is kept is in ``commit``/``stage``.
+    problem: str | None = Field(default=None, min_length=1, max_length=MAX_PROBLEM)
     #: Service name -> its state (``running``, ``exited``...), as the host observed them.
     services: dict[str, str] = Field(default_factory=dict, max_length=64)
     #: Drawn at random when the agent starts (hex, at least 64 bits).

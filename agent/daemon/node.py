@@ -25,6 +25,7 @@ from agent.core.health import Stage
 from agent.core.model import GpuNodeVars
 from agent.core.ports import Engine
 from agent.core.redact import Redactor
+from agent.core.report import MAX_PROBLEM
 from agent.desired.load import load_desired
 from agent.node.reconcile import PassResult
 from agent.node.reporter import Reporter, ReportFields, judged
@@ -63,12 +64,23 @@ class NodeDuty:
         self.container_name: str | None = None
         #: the drain is under way (set by the pass's drain): reports say ``draining``
         self.draining = False
+        #: the last pass failed: what motoko is told (``None`` once a pass converged)
+        self.problem: str | None = None
         self._engine: Engine | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
+    def pass_failed(self, result: PassResult) -> None:
+        """A pass failed (a desired state that does not load, an image that cannot be pulled...):
+        motoko hears it with the next report, sent at once. What runs is what the last good
+        pass left, and the report says so (its commit, its stage)."""
+        failure = result.failure.value if result.failure else "failed"
+        self.problem = problem_line(result.commit, failure, result.error or "")
+        self.refresh()
+
     def after_pass(self, path: Path, commit: str, result: PassResult, engine: Engine) -> None:
+        self.problem = None
         if self.local is None or self.local.commit != commit:
             self._load(path, commit, result.role or "")
         info = result.services.get(BACKEND_SERVICE) or {}
@@ -146,6 +158,7 @@ class NodeDuty:
             health=health,
             gpu=nvml.probe(local.gpu_count),
             services={BACKEND_SERVICE: state or "missing"},
+            problem=self.problem,
         )
         fields = judged(fields, state, tail, draining=draining)
         with self._lock:
@@ -153,7 +166,12 @@ class NodeDuty:
             self.fields = fields
         if self.reporter is not None:
             self.reporter.update(fields)
-            if before is None or before.stage != fields.stage or before.commit != fields.commit:
+            if (
+                before is None
+                or before.stage != fields.stage
+                or before.commit != fields.commit
+                or before.problem != fields.problem
+            ):
                 self.reporter.changed()
                 log.info("backend stage", stage=fields.stage.value, health=health.reason)
         return fields
@@ -209,3 +227,11 @@ def _short(commit: str) -> str | None:
     """A commit id as a report carries it (hex only: a dirty working tree's ``+dirty`` is cut)."""
     head = commit.split("+", maxsplit=1)[0]
     return head if head and all(c in "0123456789abcdef" for c in head) and len(head) >= 7 else None
+
+
+def problem_line(commit: str, failure: str, error: str) -> str:
+    """One line for motoko's fleet view: the commit, the failure kind, the error (cut to fit a
+    report's ``problem``)."""
+    where = f"on {commit[:12]} " if commit else ""
+    line = " ".join(f"last pass {where}failed ({failure}): {error}".split())
+    return line if len(line) <= MAX_PROBLEM else line[: MAX_PROBLEM - 3] + "..."

@@ -291,6 +291,11 @@ class Daemon:
         self._report(result)
         if result.error is None:
             self._fleet_duties(checkout.path, checkout.commit, result, engine)
+        elif self.node is not None:
+            try:
+                self.node.pass_failed(result)
+            except (AgentError, OSError) as exc:
+                log.error("fleet duty failed", error=self.redactor.scrub(str(exc)))
         if result.follow_up and result.error is None:
             log.info("another pass follows", reason=result.follow_up)
             self._again.set()  # reconcile_job runs it right after this one

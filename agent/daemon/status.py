@@ -44,6 +44,8 @@ def _fleet_problems(status: dict[str, Any]) -> list[str]:
             out.append(f"host {h.get('host')} never reported")
         elif _stale(h, status):
             out.append(f"host {h.get('host')} report stale ({_age(h.get('age_s'))} old)")
+        if h.get("problem"):
+            out.append(f"host {h.get('host')}: {h['problem']}")
     backends = (status.get("routing_state") or {}).get("backends") or {}
     for name, b in sorted(backends.items()):
         if not b.get("in_routing", True):

@@ -230,6 +230,7 @@ def host_view(record: HostRecord, now: float) -> dict[str, Any]:
         "gpu": r.gpu.summary() if r.gpu else None,
         "gpu_status": r.gpu.status if r.gpu else None,
         "services": r.services,
+        "problem": r.problem,
         "agent_version": r.agent_version,
         "boot_id": r.boot_id,
         "seq": r.seq,

@@ -80,17 +80,18 @@ function td(cls, value) { return el("td", cls, value); }
 
 function renderHosts(v, now) {
   const hosts = Array.isArray(v.fleet) ? v.fleet : [];
-  table("hosts", ["host", "role", "commit", "stage", "health", "report", "stale", "GPU", "load"],
+  table("hosts", ["host", "role", "commit", "stage", "health", "report", "stale", "GPU", "load", "last pass"],
     hosts.map((h) => {
       if (!h.reported) {
         return row("data-host", h.host, td("mono", h.host), "-", "-", "-", "-", td("warn", "never reported"),
-          "-", "-", "-");
+          "-", "-", "-", "-");
       }
       const health = h.ready === true ? td("ok", h.health || "ready") : td(h.ready === false ? "bad" : null, h.health);
       const stage = td(h.stage === "ready" ? "ok" : h.stage === "failed" ? "bad" : "warn", h.stage);
       const gpu = td(h.gpu_status && h.gpu_status !== "ok" ? "warn" : null, h.gpu);
       return row("data-host", h.host, td("mono", h.host), h.role, td("mono", (h.commit || "").slice(0, 7)), stage,
-        health, td("num", age(h.age_s)), h.stale ? td("bad", "STALE") : td(null, "no"), gpu, load(h.load));
+        health, td("num", age(h.age_s)), h.stale ? td("bad", "STALE") : td(null, "no"), gpu, load(h.load),
+        h.problem ? td("bad", h.problem) : td("ok", "ok"));
     }), "no host known (no report token in the desired state, or the fleet API is not up)");
   return hosts;
 }

@@ -54,6 +54,7 @@ class ReportFields:
     health: BackendHealth | None = None
     gpu: GpuFacts | None = None
     services: Mapping[str, str] = field(default_factory=dict)
+    problem: str | None = None
 
 
 def judged(
@@ -78,6 +79,7 @@ def build_report(
         health=fields.health,
         gpu=fields.gpu,
         services=dict(fields.services),
+        problem=fields.problem,
         boot_id=boot_id,
         seq=seq,
         sent_at=sent_at,
