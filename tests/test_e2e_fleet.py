@@ -86,6 +86,16 @@ class Fleet:
         subprocess.run([*git, "push", "-q"], check=True, capture_output=True)
         return self.head()
 
+    def restore(self, path: str, text: str, message: str) -> str:
+        """Push ``path`` back to ``text`` if a test left it otherwise; the head either way."""
+        f = self.work / path
+        if f.read_text() != text:
+            f.write_text(text)
+            git = ["git", "-C", str(self.work), "-c", "user.name=t", "-c", "user.email=t@t"]
+            subprocess.run([*git, "commit", "-qam", message], check=True)
+            subprocess.run([*git, "push", "-q"], check=True, capture_output=True)
+        return self.head()
+
     def head(self) -> str:
         git = ["git", "-C", str(self.work), "rev-parse", "HEAD"]
         return subprocess.run(git, check=True, text=True, capture_output=True).stdout.strip()
@@ -233,6 +243,7 @@ def test_armitage_killed_under_load_costs_no_request_and_comes_back(fleet: Fleet
         time.sleep(2)
     finally:
         outcomes = load.stop()
+        fleet.cli("armitage", "resume")  # whatever failed above: the next tests get armitage back
     assert failed(outcomes) == [], failed(outcomes)[:5]
 
 
@@ -299,59 +310,77 @@ def container_id(name: str) -> str:
 
 
 def test_a_bad_push_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
+    """A host file that does not parse: that host (and motoko, which reads every host file)
+    stay on their last good commit, nothing running is touched, and the error with file:line is
+    in armitage's status and in motoko's fleet view (armitage's report)."""
     before = fleet.status("armitage")["applied_commit"]
     running = {n: container_id(n) for n in ("demo-armitage-vllm-1", "demo-litellm")}
     assert all(v.endswith(" running") for v in running.values()), running
-    bad = fleet.push("hosts/armitage.yaml", "serves: [local/chat]", "serves: [local/chat", "broken yaml")
+    original = (fleet.work / "hosts" / "armitage.yaml").read_text()
+    try:
+        bad = fleet.push("hosts/armitage.yaml", "serves: [local/chat]", "serves: [local/chat", "broken yaml")
 
-    def refused() -> bool:
-        last = fleet.status("armitage").get("last_run") or {}
-        return last.get("commit") == bad and last.get("failure") == "desired-state"
+        def refused() -> bool:
+            last = fleet.status("armitage").get("last_run") or {}
+            return last.get("commit") == bad and last.get("failure") == "desired-state"
 
-    assert wait_until(refused, 60, step=1), fleet.status("armitage").get("last_run")
-    error = fleet.status("armitage")["last_run"]["error"]
-    assert "hosts/armitage.yaml:" in error, error
-    assert fleet.status("armitage")["applied_commit"] == before
-    motoko = fleet.status("motoko")
-    assert (motoko.get("last_run") or {}).get("failure") == "desired-state", "motoko reads every host file too"
-    # motoko's fleet view says what armitage's own status says (armitage's report).
-    problem = wait_until(lambda: "hosts/armitage.yaml:" in (seen_by_motoko(fleet, "armitage").get("problem") or ""), 30)
-    assert problem, seen_by_motoko(fleet, "armitage")
-    assert {n: container_id(n) for n in running} == running, "same containers, still running"
-    token = fleet.token()
-    assert chat(token).status_code == 200
-    # armitage keeps serving local/chat (LiteLLM may still hold it in a cooldown from the test
-    # before for up to cooldown_s, 30 s).
-    assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2)
-    fixed = fleet.push("hosts/armitage.yaml", "serves: [local/chat\n", "serves: [local/chat]\n", "fix")
+        assert wait_until(refused, 60, step=1), fleet.status("armitage").get("last_run")
+        error = fleet.status("armitage")["last_run"]["error"]
+        assert "hosts/armitage.yaml:" in error, error
+        assert fleet.status("armitage")["applied_commit"] == before
+        motoko = fleet.status("motoko")
+        assert (motoko.get("last_run") or {}).get("failure") == "desired-state", "motoko reads every host file too"
+        assert wait_until(lambda: "hosts/armitage.yaml:" in problem_seen_by_motoko(fleet, "armitage"), 30), (
+            seen_by_motoko(fleet, "armitage")
+        )
+        assert {n: container_id(n) for n in running} == running, "same containers, still running"
+        token = fleet.token()
+        assert chat(token).status_code == 200
+        # armitage keeps serving local/chat (LiteLLM may still hold it in a cooldown from the
+        # test before for up to cooldown_s, 30 s).
+        assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2)
+    finally:
+        fixed = fleet.restore("hosts/armitage.yaml", original, "fix")
     assert wait_until(lambda: fleet.applied(fixed), 90, step=1), fleet.summary()
-    assert wait_until(lambda: seen_by_motoko(fleet, "armitage").get("problem") is None, 30)
+    assert wait_until(lambda: not problem_seen_by_motoko(fleet, "armitage"), 30), seen_by_motoko(fleet, "armitage")
 
-    # An image that does not exist (no registry has it): the pull fails, the old container
-    # keeps serving, and both views say which image.
+
+def test_a_push_of_an_image_that_does_not_exist_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
+    """No registry has the image: armitage's pull fails before anything is stopped, the old
+    container keeps serving, and both views say which image."""
+    good = fleet.settle()
+    running = {n: container_id(n) for n in ("demo-armitage-vllm-1", "demo-litellm")}
+    original = (fleet.work / "hosts" / "armitage.yaml").read_text()
     missing = "llm-agent/does-not-exist:1"
-    bad = fleet.set("hosts/armitage.yaml", "vllm_image", missing, "an image nobody built")
+    token = fleet.token()
+    try:
+        bad = fleet.set("hosts/armitage.yaml", "vllm_image", missing, "an image nobody built")
 
-    def failed_pull() -> bool:
-        last = fleet.status("armitage").get("last_run") or {}
-        return last.get("commit") == bad and last.get("result") == "failed"
+        def failed_pull() -> bool:
+            last = fleet.status("armitage").get("last_run") or {}
+            return last.get("commit") == bad and last.get("result") == "failed"
 
-    assert wait_until(failed_pull, 120, step=1), fleet.status("armitage").get("last_run")
-    error = fleet.status("armitage")["last_run"]["error"]
-    assert missing in error, error
-    assert fleet.status("armitage")["applied_commit"] == fixed
-    assert wait_until(lambda: missing in (seen_by_motoko(fleet, "armitage").get("problem") or ""), 30), seen_by_motoko(
-        fleet, "armitage"
-    )
-    assert {n: container_id(n) for n in running} == running, "same containers, still running"
-    assert "@armitage" in chat(token).text
-    print(f"a missing image, as armitage and motoko say it: {seen_by_motoko(fleet, 'armitage')['problem']}")
-    fleet.set("hosts/armitage.yaml", "vllm_image", "llm-agent/fake-vllm:1", "the image back")
+        assert wait_until(failed_pull, 120, step=1), fleet.status("armitage").get("last_run")
+        error = fleet.status("armitage")["last_run"]["error"]
+        assert missing in error, error
+        assert fleet.status("armitage")["applied_commit"] == good
+        assert wait_until(lambda: missing in problem_seen_by_motoko(fleet, "armitage"), 30), seen_by_motoko(
+            fleet, "armitage"
+        )
+        assert {n: container_id(n) for n in running} == running, "same containers, still running"
+        assert "@armitage" in chat(token).text
+        print(f"a missing image, as armitage and motoko say it: {problem_seen_by_motoko(fleet, 'armitage')}")
+    finally:
+        fleet.restore("hosts/armitage.yaml", original, "the image back")
 
 
 def seen_by_motoko(fleet: Fleet, host: str) -> dict:  # type: ignore[type-arg]
     """``host`` in motoko's fleet view (its last report)."""
     return {h["host"]: h for h in fleet.status().get("fleet") or []}.get(host) or {}
+
+
+def problem_seen_by_motoko(fleet: Fleet, host: str) -> str:
+    return str(seen_by_motoko(fleet, host).get("problem") or "")
 
 
 def models_status(key: str) -> int:

@@ -4,7 +4,7 @@ rolling worker reload behind it.
 
 On the real Docker engine with the real LiteLLM image and fake vLLM backends, under 10 req/s
 through the public port, each change applied as the agent does it (``reconcile_once`` with a
-changed desired state): a LiteLLM image change, a worker-count change and ten routing reloads.
+changed desired state): a LiteLLM image change, a worker-count change and four routing reloads.
 Zero failed requests; the p99 latency during each change is printed.
 """
 
@@ -227,9 +227,10 @@ def test_gateway_changes_drop_nothing(gateway: Gateway) -> None:
         assert gw.container("litellm") != old and len(gw.container("litellm")) == 1
         time.sleep(3)
 
-        # (3) Ten routing reloads: wintermute out of routing and back (the routing loop's move).
-        changes.append(Change("10 routing reloads", time.monotonic(), math.inf))
-        for i in range(10):
+        # (3) Four routing reloads: wintermute out of routing and back, twice (the routing loop's
+        # move). Every reload takes the same path; ten (as before) showed nothing four do not.
+        changes.append(Change("4 routing reloads", time.monotonic(), math.inf))
+        for i in range(4):
             gw.health["wintermute"] = Health(i % 2 == 1, "" if i % 2 else "test: probe failed")
             result = gw.apply()
             assert ("reload", "litellm") in kinds(result), kinds(result)
