@@ -1,6 +1,6 @@
 """How often LiteLLM's first start freezes, with and without the role's config/sitecustomize.py.
 
-    python bench/litellm_start.py [--starts N] [--deadline S]
+    python bench/litellm_start.py [--starts N] [--deadline S] [--busy K]
 
 Starts ``llm-agent/litellm:1.108.7`` (``scripts/images``) N times each way, as the motoko role
 runs it (``--run_gunicorn --num_workers 1``, the config directory mounted at /app/config), on a
@@ -8,7 +8,9 @@ minimal config, and waits for ``/health/readiness`` from inside the container. A
 not ready within the deadline is counted as frozen (and, if py-spy is installed on the host,
 its worker's stack is checked for the import lock). Side by side: "bare" (no PYTHONPATH, the
 freeze's cause in place) and "fixed" (PYTHONPATH=/app/config: the codec imported at start).
-Prints one line per start and a summary; nothing is left running.
+``--busy K`` runs K busy-looping processes meanwhile: the freeze is a race between two
+threads of the arbiter, and a busy machine (the CI's, with the test suite's own load) widens
+its window. Prints one line per start and a summary; nothing is left running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,23 +63,33 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--starts", type=int, default=10)
     ap.add_argument("--deadline", type=float, default=60.0)
+    ap.add_argument("--busy", type=int, default=0, help="busy-looping processes meanwhile")
     args = ap.parse_args()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        return bench(args.starts, args.deadline, args.busy)
+    finally:
+        for proc in busy:
+            proc.kill()
+
+
+def bench(starts: int, deadline_s: float, busy: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config_dir = Path(tmp)
         (config_dir / "config.yaml").write_text(CONFIG)
         shutil.copy(ROOT / "roles" / "motoko" / "templates" / "sitecustomize.py", config_dir / "sitecustomize.py")
         config_dir.chmod(0o755)
         results: dict[str, list[tuple[bool, float]]] = {"bare": [], "fixed": []}
-        for i in range(args.starts):
+        for i in range(starts):
             for way in ("bare", "fixed"):  # interleaved: the same machine load for both
-                ready, took = one(config_dir, way == "fixed", args.deadline)
+                ready, took = one(config_dir, way == "fixed", deadline_s)
                 results[way].append((ready, took))
                 print(f"start {i + 1:2d} {way:5s}: {'ready' if ready else 'FROZE'} in {took:.1f} s", flush=True)
     for way, got in results.items():
         ok = sorted(t for r, t in got if r)
         median = ok[len(ok) // 2] if ok else float("nan")
-        print(f"{way}: {len(got) - len(ok)} of {len(got)} starts froze (not ready in {args.deadline:.0f} s); "
-              f"ready ones: median {median:.1f} s")  # fmt: skip
+        print(f"{way}: {len(got) - len(ok)} of {len(got)} starts froze (not ready in {deadline_s:.0f} s, "
+              f"{busy} busy processes); ready ones: median {median:.1f} s")  # fmt: skip
     return 0
 
 
