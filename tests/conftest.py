@@ -12,6 +12,7 @@ import structlog
 
 from agent.node.settings import Settings
 from tests.dockerkit import fleet  # noqa: F401  (fixture for the Docker tests)
+from tests.e2ekit import demo_home  # noqa: F401  (the demo fleet of the e2e tests)
 from tests.proxykit import redis_port  # noqa: F401  (fixture for the proxy tests)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -133,15 +133,16 @@ def start_proxy(tmp: Path, config: Path, env: dict[str, str], gunicorn: bool = F
         cmd = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
         if gunicorn:
             cmd += ["--run_gunicorn", "--num_workers", "1"]
-        # As litellm.env sets it in the container: the rendered config/sitecustomize.py imports
-        # a codec before LiteLLM starts a thread (the first-start freeze it fixes).
+        # What litellm.env's PYTHONPATH=/app/config is in the container (a path that means
+        # nothing here, so this one wins over ``env``): the rendered config/sitecustomize.py
+        # imports a codec before LiteLLM starts a thread (the first-start freeze it fixes).
         site = {"PYTHONPATH": str(config.parent)} if (config.parent / "sitecustomize.py").is_file() else {}
         with log.open("wb") as fh:
             proc = subprocess.Popen(
                 cmd,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **site, **env},
+                env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **env, **site},
                 cwd=tmp,
                 start_new_session=True,
             )

@@ -7,22 +7,20 @@ Three agents as they run in production (``agent run``, own state dir, project pr
 converging every host, a backend killed under load, a bad push, a long prompt sent to
 ``openai/strong``, the OpenAI budget spent, wintermute switched to Gemma.
 
-One fleet for the module, the tests in file order: each leaves the fleet as the next expects
-(a test that pushes waits for the fleet to apply the head first: ``Fleet.settle``); the last
-one leaves wintermute on Gemma.
+One fleet for the session (``tests.e2ekit.demo_home``), the tests in file order: each leaves
+the fleet as the next expects, also when it fails (a test that pushes waits for the fleet to
+apply the head first: ``Fleet.settle``); the last one leaves wintermute on Gemma, and
+tests/test_e2e_fleet_drain.py goes on on the same fleet.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import secrets
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,22 +30,26 @@ import yaml
 from agent.adapters.proxy import REFUSED_KEY_STATUS as REFUSED
 from agent.adapters.secrets import SecretResolver
 from tests.conftest import DEMO_IDENTITY
+from tests.e2ekit import demo_env
 from tests.gatewaykit import Load, failed, pct, wait_until, window
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "scripts" / "demo"
 PROXY = "http://127.0.0.1:18000"
 ALIASES = {"local/chat", "local/reasoner", "local/embed", "openai/strong", "openai/cheap"}
 FAKE_VLLM = {"armitage": "http://127.0.0.1:18001", "wintermute": "http://127.0.0.1:18002"}
 HOSTS = ("motoko", "armitage", "wintermute")
 GEMMA = "google/gemma-2-9b-it-AWQ"  # the seed's alternative for wintermute
+#: LiteLLM's timeout for a local backend's non-streaming answer from the push test on (the desired
+#: state's ``routing.timeout_s``, default 120 s): what the requests caught by the hang test's
+#: hang pay once before they fall back within the same request.
+HANG_TIMEOUT_S = 10
 
 
 class Fleet:
     def __init__(self, home: Path) -> None:
         self.home = home
-        self.env = {**os.environ, "LLM_AGENT_DEMO": str(home)}
+        self.env = demo_env(home)
         self.work = home / "desired"
 
     def cli(self, host: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -155,24 +157,8 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    home = tmp_path_factory.mktemp("demo")
-    f = Fleet(home)
-    up = subprocess.run([str(DEMO)], env=f.env, text=True, capture_output=True, check=False, timeout=900)
-    try:
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        yield f
-    finally:
-        keep_logs(home)
-        subprocess.run([str(DEMO), "down"], env=f.env, check=False, capture_output=True, timeout=300)
-
-
-def keep_logs(home: Path) -> None:
-    """The agents' logs, kept for a failed run (``$LLM_AGENT_ARTIFACTS`` or tests/artifacts/)."""
-    out = Path(os.environ.get("LLM_AGENT_ARTIFACTS") or ROOT / "tests" / "artifacts") / home.name
-    out.mkdir(parents=True, exist_ok=True)
-    for log in (home / "logs").glob("*.log"):
-        shutil.copy(log, out / log.name)
+def fleet(demo_home: Path) -> Fleet:
+    return Fleet(demo_home)
 
 
 def chat(token: str, model: str = "local/chat") -> httpx.Response:
@@ -197,8 +183,12 @@ def test_the_seeds_verification(fleet: Fleet) -> None:
 
 
 def test_a_push_converges_every_host_and_motoko_shows_the_commit(fleet: Fleet) -> None:
+    # A fleet-wide change every host applies: LiteLLM's timeout for a local backend's whole
+    # answer, which the hang test below relies on (what a request caught by a hang pays once).
     pushed = time.time()
-    commit = fleet.push("fleet.yaml", "openai_budget_monthly_usd: 150", "openai_budget_monthly_usd: 140", "budget")
+    commit = fleet.push(
+        "fleet.yaml", "  failure_threshold: 3", f"  failure_threshold: 3\n  timeout_s: {HANG_TIMEOUT_S}", "timeout"
+    )
     began = time.monotonic()
 
     def everywhere() -> bool:
@@ -255,24 +245,12 @@ def routing_event(fleet: Fleet, backend: str, change: str, since: float) -> floa
     return max(at) if at else None
 
 
-#: LiteLLM's timeout for a local backend's non-streaming answer in the hang test (the desired
-#: state's ``routing.timeout_s``, default 120 s): what the requests caught by the hang pay once
-#: before they fall back within the same request.
-HANG_TIMEOUT_S = 10
-
-
 def test_armitage_hung_costs_no_request_and_latency_is_back_under_100_ms_p50_within_10_s(fleet: Fleet) -> None:
     """armitage's vLLM accepts and never answers (its agent keeps running: nothing restarts a
     hung backend for it). Zero failed requests; from 10 s after the hang on, p50 under 100 ms;
     the proxy container is never restarted; armitage back once it answers again."""
     fleet.settle()
-    commit = fleet.push(
-        "fleet.yaml",
-        "  failure_threshold: 3",
-        f"  failure_threshold: 3\n  timeout_s: {HANG_TIMEOUT_S}",
-        "e2e: a short timeout for a hung local backend",
-    )
-    assert wait_until(lambda: fleet.applied(commit), 90, step=1), fleet.summary()
+    assert fleet.read("fleet.yaml")["routing"].get("timeout_s") == HANG_TIMEOUT_S, "pushed by the push test"
     proxy = container_id("demo-litellm")
     token = fleet.token()
     load = Load(18000, token).start()

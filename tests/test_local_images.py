@@ -218,14 +218,15 @@ def replace_by_rename(path: Path, text: str) -> None:
 
 
 def start_litellm(env: Env, litellm: dict[str, Any], config_dir: Path) -> tuple[str, int]:
-    """The rendered command, one readiness deadline and one restart (gunicorn's first start can
-    freeze on an import lock: see ../shared/notes/litellm.md)."""
+    """The rendered command, with the role's config/sitecustomize.py (gunicorn's first start
+    froze on an import lock without it: see the file), one readiness deadline, one restart."""
+    shutil.copy(ROOT / "roles" / "motoko" / "templates" / "sitecustomize.py", config_dir / "sitecustomize.py")
     port = free_port()
     command = list(litellm["command"])
     command[command.index("--num_workers") + 1] = "1"
     name = env.run("litellm", LITELLM, *command, opts=(
         "-p", f"127.0.0.1:{port}:4000", "-v", f"{config_dir}:/app/config:ro",
-        "-e", f"LITELLM_MASTER_KEY={KEY}", "-e", "GRACEFUL_SHUTDOWN_TIMEOUT=5",
+        "-e", f"LITELLM_MASTER_KEY={KEY}", "-e", "GRACEFUL_SHUTDOWN_TIMEOUT=5", "-e", "PYTHONPATH=/app/config",
     ))  # fmt: skip
     ready = f"http://127.0.0.1:{port}/health/readiness"
     if not wait_for(ready, 60):

@@ -1,6 +1,6 @@
-"""End to end: deploys that drop no request (slow, docker, e2e), on the fleet ``scripts/demo``
-runs (three agents as in production, the real LiteLLM proxy in its container, fake vLLMs that
-take a while to "load their model" and expose vLLM's gauges).
+"""End to end: deploys that drop no request (slow, docker, e2e), on the session's demo fleet
+(``tests.e2ekit``: three agents as in production, the real LiteLLM proxy in its container,
+fake vLLMs that take a while to "load their model" and expose vLLM's gauges).
 
 - a model change pushed for armitage under 10 req/s with three 60-second streams in flight:
   no request fails, the streams complete, armitage is back once its new model answers;
@@ -23,7 +23,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,8 +31,9 @@ import docker
 import httpx
 import pytest
 
+from tests.e2ekit import DEMO
 from tests.gatewaykit import Load, failed, pct, stream_chat, wait_until
-from tests.test_e2e_fleet import DEMO, PROXY, Fleet, keep_logs
+from tests.test_e2e_fleet import PROXY, Fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.e2e]
 GPU_HOSTS = ("armitage", "wintermute")
@@ -99,22 +99,16 @@ class DrainFleet(Fleet):
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrainFleet]:
-    home = tmp_path_factory.mktemp("demo-drain")
-    f = DrainFleet(home)
-    up = subprocess.run([str(DEMO)], env=f.env, text=True, capture_output=True, check=False, timeout=900)
-    try:
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        # Streams that last: the fake vLLMs take 0.1 s per token from now on. This first push
-        # is itself a drained deploy of both hosts.
-        for h in GPU_HOSTS:
-            f.edit(f"hosts/{h}.yaml", 'FAKE_LOAD_S: "3"}', 'FAKE_LOAD_S: "3", FAKE_TOKEN_DELAY_S: "0.1"}')
-        commit = f.commit("slow tokens")
-        assert wait_until(lambda: f.settled(commit), 240, step=2), f.status()
-        yield f
-    finally:
-        keep_logs(home)
-        subprocess.run([str(DEMO), "down"], env=f.env, check=False, capture_output=True, timeout=300)
+def fleet(demo_home: Path) -> DrainFleet:
+    """The session's demo fleet (tests/test_e2e_fleet.py ran on it first), with streams that
+    last: the fake vLLMs take 0.1 s per token from now on. This first push is itself a drained
+    deploy of both hosts."""
+    f = DrainFleet(demo_home)
+    for h in GPU_HOSTS:
+        f.edit(f"hosts/{h}.yaml", 'FAKE_LOAD_S: "3"}', 'FAKE_LOAD_S: "3", FAKE_TOKEN_DELAY_S: "0.1"}')
+    commit = f.commit("slow tokens")
+    assert wait_until(lambda: f.settled(commit), 240, step=2), f.status()
+    return f
 
 
 def start_streams(token: str, n: int, max_tokens: int) -> tuple[list[threading.Thread], list[dict[str, Any]]]:
