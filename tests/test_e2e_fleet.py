@@ -43,10 +43,12 @@ GEMMA = "google/gemma-2-9b-it-AWQ"  # the seed's alternative for wintermute
 #: LiteLLM's timeout for a local backend's non-streaming answer from the hang test on (the
 #: desired state's ``routing.timeout_s``, default 120 s): what the requests caught by the hang
 #: pay once before they fall back within the same request; the first timeout also cools the
-#: backend in LiteLLM at once. At 10 s the requests caught by the hang all timed out inside the
-#: measured window (10 to 20 s after the hang), and their fallbacks starved the proxy's single
-#: worker (p50 2.4 s) whenever the reload that routes around armitage came later than 10 s.
-HANG_TIMEOUT_S = 5
+#: backend in LiteLLM at once, so only the requests of the first seconds are caught. Measured on
+#: the demo (2 cores, one proxy worker): at 10 s and at 5 s the caught requests' timeouts and
+#: fallbacks came inside the measured window (10 to 20 s after the hang) and starved the worker
+#: (p50 2.4 s: a backlog), whenever the reload routing around armitage came after 10 s; at 2 s
+#: they are over by then (p50 52 ms).
+HANG_TIMEOUT_S = 2
 
 
 class Fleet:
@@ -249,8 +251,10 @@ def test_armitage_hung_costs_no_request_and_latency_is_back_under_100_ms_p50_wit
     hung backend for it). Zero failed requests; from 10 s after the hang on, p50 under 100 ms;
     the proxy container is never restarted; armitage back once it answers again."""
     fleet.settle()
+    original = (fleet.work / "fleet.yaml").read_text()
     # A new proxy container (the timeout sets its graceful shutdown too); the fleet applied it
-    # and is quiet before the hang.
+    # and is quiet before the hang. The timeout is pushed back at the end (a 2 s bound would
+    # cool backends that answer slowly in the tests after this one).
     commit = fleet.push(
         "fleet.yaml",
         "  failure_threshold: 3",
@@ -260,6 +264,20 @@ def test_armitage_hung_costs_no_request_and_latency_is_back_under_100_ms_p50_wit
     assert wait_until(lambda: fleet.applied(commit), 120, step=1), fleet.summary()
     proxy = container_id("demo-litellm")
     token = fleet.token()
+    # The baseline first: a proxy container a few seconds old (or a machine still busy with the
+    # tests before) answers slower than 100 ms; the promise is measured against a quiet fleet.
+    baseline: list[float] = []
+
+    def quiet() -> bool:
+        times = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            chat(token)
+            times.append(time.monotonic() - t0)
+        baseline[:] = times
+        return sorted(times)[2] < 0.1
+
+    assert wait_until(quiet, 90, step=2), f"no quiet baseline: {baseline}"
     load = Load(18000, token).start()
     try:
         time.sleep(3)
@@ -271,6 +289,7 @@ def test_armitage_hung_costs_no_request_and_latency_is_back_under_100_ms_p50_wit
     finally:
         httpx.post(f"{FAKE_VLLM['armitage']}/fake/mode", json={"mode": "ok"}, timeout=5)  # lets what hangs go
         outcomes = load.stop()
+        fleet.restore("fleet.yaml", original, "e2e: the default timeout back")
     settled = window(outcomes, began + 10, began + 20)
     latencies = [o.seconds for o in settled]
     print(
@@ -281,7 +300,11 @@ def test_armitage_hung_costs_no_request_and_latency_is_back_under_100_ms_p50_wit
     )
     assert failed(outcomes) == [], failed(outcomes)[:5]
     assert out is not None, f"armitage never taken out of routing: {fleet.status().get('routing_state')}"
-    assert settled and pct(latencies, 50) < 0.1, f"p50 {pct(latencies, 50):.3f} s from 10 s after the hang on"
+    buckets = {
+        f"{k}-{k + 2} s": round(pct([o.seconds for o in window(outcomes, began + k, began + k + 2)], 50), 3)
+        for k in range(-2, 20, 2)
+    }
+    assert settled and pct(latencies, 50) < 0.1, f"p50 {pct(latencies, 50):.3f} s from 10 s on; p50 by 2 s: {buckets}"
     assert container_id("demo-litellm") == proxy, "the proxy was reloaded, never restarted"
     assert wait_until(lambda: routing_event(fleet, "armitage", "in", hung) is not None, 60, step=1), fleet.status()
     assert wait_until(lambda: "@armitage" in chat(token).text, 60, step=2), "local/chat is armitage's again"
@@ -298,7 +321,7 @@ def test_a_bad_push_takes_nothing_down_and_is_reported(fleet: Fleet) -> None:
     """A host file that does not parse: that host (and motoko, which reads every host file)
     stay on their last good commit, nothing running is touched, and the error with file:line is
     in armitage's status and in motoko's fleet view (armitage's report)."""
-    before = fleet.status("armitage")["applied_commit"]
+    before = fleet.settle()
     running = {n: container_id(n) for n in ("demo-armitage-vllm-1", "demo-litellm")}
     assert all(v.endswith(" running") for v in running.values()), running
     original = (fleet.work / "hosts" / "armitage.yaml").read_text()
