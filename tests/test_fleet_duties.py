@@ -384,6 +384,18 @@ def test_with_no_proxy_answering_a_reload_restarts_it_once_and_never_again(motok
     assert motoko.gateway.reloads == 1
 
 
+def armitage_daemon(tmp: Path, repo: Path, motoko_url: str, engine: FakeEngine, source: FakeSource) -> Daemon:
+    """armitage's daemon over the fakes, reporting to ``motoko_url`` (a short backend probe)."""
+    return Daemon(
+        fake_settings("armitage", tmp, repo, motoko_url=motoko_url),
+        notifier=Notifier({}),
+        engine_factory=lambda: engine,
+        source=source,
+        clock=FakeClock(),
+        duties=Duties(gateway=None, node=lambda s, r: NodeDuty(s, r, probe_timeout_s=0.5)),
+    )
+
+
 def test_a_gpu_node_reports_its_stage_and_commit_to_motoko(tmp_path: Path, repo: Path) -> None:
     # Its vLLM is probed on the published port: a free one, where nothing answers.
     append(repo / "hosts" / "armitage.yaml", f"  vllm_published_port: {free_port()}\n")
@@ -391,15 +403,7 @@ def test_a_gpu_node_reports_its_stage_and_commit_to_motoko(tmp_path: Path, repo:
     source.push(B, repo)
     tokens = {h: token(repo, tmp_path, h) for h in ("armitage", "wintermute")}
     with fleet_api(tmp_path / "fleet.db", tokens) as api:
-        settings = fake_settings("armitage", tmp_path, repo, motoko_url=api.url)
-        daemon = Daemon(
-            settings,
-            notifier=Notifier({}),
-            engine_factory=lambda: engine,
-            source=source,
-            clock=FakeClock(),
-            duties=Duties(gateway=None, node=lambda s, r: NodeDuty(s, r, probe_timeout_s=0.5)),
-        )
+        daemon = armitage_daemon(tmp_path, repo, api.url, engine, source)
         try:
             result = daemon.one_pass()
             assert result is not None and result.result is PassOutcome.CONVERGED, result and result.error
@@ -461,15 +465,7 @@ def test_a_gpu_node_whose_pass_fails_tells_motoko_why_and_clears_it_once_a_pass_
         raise AssertionError(f"motoko never saw it: {[r.report for r in api.store.hosts()]}")
 
     with fleet_api(tmp_path / "fleet.db", tokens) as api:
-        settings = fake_settings("armitage", tmp_path, repo, motoko_url=api.url)
-        daemon = Daemon(
-            settings,
-            notifier=Notifier({}),
-            engine_factory=lambda: engine,
-            source=source,
-            clock=FakeClock(),
-            duties=Duties(gateway=None, node=lambda s, r: NodeDuty(s, r, probe_timeout_s=0.5)),
-        )
+        daemon = armitage_daemon(tmp_path, repo, api.url, engine, source)
         try:
             assert (first := daemon.one_pass()) is not None and first.error is None, first and first.error
             seen(api, lambda r: r.commit == B and r.problem is None)
